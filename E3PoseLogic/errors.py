@@ -1,0 +1,23 @@
+"""Errors a user can act on: each names the file (or input) and the problem."""
+
+
+class E3PoseError(Exception):
+    """Base class of E3Pose errors that carry a user-facing message."""
+
+
+class InputError(E3PoseError):
+    """A bad input volume or mask: unreadable, 4D, non-finite, empty, sheared, mask empty or on the border."""
+
+    def __init__(self, source, reason):
+        self.source = str(source) if source is not None else "<array>"
+        self.reason = reason
+        super().__init__(f"{self.source}: {reason}")
+
+
+class CheckpointError(E3PoseError):
+    """A weights file that cannot be read or does not match the expected network."""
+
+    def __init__(self, path, reason):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
