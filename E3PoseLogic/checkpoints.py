@@ -1,0 +1,197 @@
+"""Reading and writing network weights.
+
+Formats, detected from the content (not the file name):
+- published U-Net: a Lightning ``.ckpt`` with ``state_dict`` whose network keys start with ``model.``;
+- published E3-CNN: a ``.pth`` with ``net_state_dict`` (saved with e3nn 0.5.5; its derived buffers are checked
+  against ours instead of loaded, so other e3nn versions work);
+- native: one file with weights, the architecture configuration and provenance, loadable with
+  ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .errors import CheckpointError
+
+NATIVE_FORMAT = "e3pose-native"
+NATIVE_VERSION = 1
+
+
+def sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _torch_load(path, allow_pickle=False):
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not allow_pickle:
+            raise CheckpointError(
+                path, "contains pickled Python objects that weights_only loading refuses. If you trust this "
+                      "file, load it with allow_pickle=True (command line: --allow-pickle), then save it in the "
+                      f"native format with `e3pose convert`. ({str(exc).splitlines()[0]})") from None
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated zip, not a torch file, ...
+        raise CheckpointError(path, f"cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def detect_format(obj):
+    if isinstance(obj, dict):
+        if obj.get("format") == NATIVE_FORMAT:
+            return "native"
+        if "net_state_dict" in obj:
+            return "published-e3cnn"
+        if "state_dict" in obj and any(k.startswith("model.") for k in obj["state_dict"]):
+            return "published-unet"
+    return "unknown"
+
+
+def load_unet(path, allow_pickle=False):
+    """-> (UNet in eval mode, info dict)."""
+    from .networks.config import UNetConfig
+    from .networks.unet import UNet
+
+    obj = _torch_load(path, allow_pickle)
+    fmt = detect_format(obj)
+    if fmt == "published-unet":
+        state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+        cfg = _infer_unet_config(state)
+        info = {"format": "published-lightning", "trained_on": "unknown (published checkpoint)"}
+    elif fmt == "native" and obj.get("kind") == "unet":
+        cfg = UNetConfig.from_dict(obj["config"])
+        state = obj["state_dict"]
+        info = {"format": "native", **obj.get("provenance", {})}
+    else:
+        raise CheckpointError(path, f"not a U-Net checkpoint (found: {_describe(obj, fmt)})")
+    model = UNet(cfg)
+    _load_strict(model, state, path)
+    info.update(path=str(path), sha256=sha256(path), config=cfg.to_dict())
+    return model.eval(), info
+
+
+def load_e3cnn(path, allow_pickle=False):
+    """-> (E3CNN in eval mode, info dict)."""
+    from .networks.config import E3CNNConfig
+    from .networks.e3cnn import E3CNN
+
+    obj = _torch_load(path, allow_pickle)
+    fmt = detect_format(obj)
+    if fmt == "published-e3cnn":
+        state = obj["net_state_dict"]
+        cfg = _infer_e3cnn_config(state)
+        info = {"format": "published-pth", "trained_on": "unknown (published checkpoint)"}
+    elif fmt == "native" and obj.get("kind") == "e3cnn":
+        cfg = E3CNNConfig.from_dict(obj["config"])
+        state = obj["state_dict"]
+        info = {"format": "native", **obj.get("provenance", {})}
+    else:
+        raise CheckpointError(path, f"not an E3-CNN checkpoint (found: {_describe(obj, fmt)})")
+    model = E3CNN(cfg)
+    _load_parameters_check_buffers(model, state, path)
+    info.update(path=str(path), sha256=sha256(path), config=cfg.to_dict())
+    return model.eval(), info
+
+
+def save_native(path, model, kind, provenance=None, extra=None):
+    """Write weights + configuration + provenance atomically; loadable with ``weights_only=True``."""
+    import torch
+
+    from .atomic import atomic_path
+
+    if kind == "e3cnn":
+        state = model.learnable_state_dict()
+    else:
+        state = model.state_dict()
+    obj = {
+        "format": NATIVE_FORMAT,
+        "format_version": NATIVE_VERSION,
+        "kind": kind,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        "provenance": dict(provenance or {}),
+    }
+    if extra:
+        obj.update(extra)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
+def _describe(obj, fmt):
+    if fmt == "native":
+        return f"a native '{obj.get('kind')}' checkpoint"
+    if isinstance(obj, dict):
+        return "a dict with keys " + ", ".join(sorted(map(str, obj))[:8])
+    return type(obj).__name__
+
+
+def _load_strict(model, state, path):
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(path, f"weights do not fit the network: {str(exc).splitlines()[0]} ...") from None
+
+
+def _load_parameters_check_buffers(model, state, path, atol=1e-5):
+    """Load every learnable parameter; buffers are derived from the architecture, so compare instead of load."""
+    import torch
+
+    params = dict(model.named_parameters())
+    missing = [k for k in params if k not in state]
+    if missing:
+        raise CheckpointError(path, f"{len(missing)} parameters missing, e.g. {missing[:3]}")
+    wrong = [k for k in params if tuple(state[k].shape) != tuple(params[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(path, f"{len(wrong)} parameters have the wrong shape, e.g. {k}: "
+                                    f"{tuple(state[k].shape)} vs {tuple(params[k].shape)}")
+    unknown = [k for k in state if k not in params and k not in dict(model.named_buffers())]
+    own_buffers = dict(model.named_buffers())
+    differing = [k for k, v in state.items() if k in own_buffers and v.shape == own_buffers[k].shape
+                 and v.numel() and not torch.allclose(v.float(), own_buffers[k].float(), atol=atol)]
+    if differing:
+        raise CheckpointError(path, f"derived buffers differ from this architecture ({differing[:3]}): "
+                                    "the checkpoint was built with another configuration")
+    if unknown and not all("_w3j" in k for k in unknown):
+        raise CheckpointError(path, f"unexpected entries, e.g. {[k for k in unknown if '_w3j' not in k][:3]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
+
+
+def _infer_unet_config(state):
+    from .networks.config import UNetConfig
+
+    enc = sorted({int(k.split(".")[1]) for k in state if k.startswith("list_encoder_blocks.")})
+    first = state["list_encoder_blocks.0.0.weight"]
+    n_conv = len({k.split(".")[2] for k in state if k.startswith("list_encoder_blocks.0.")
+                  and k.endswith(".weight") and state[k].dim() == 5})
+    feat1 = state["list_encoder_blocks.1.0.weight"].shape[0] if len(enc) > 1 else first.shape[0] * 2
+    return UNetConfig(in_channels=first.shape[1], out_channels=state["last_conv.weight"].shape[0],
+                      n_levels=len(enc), n_feat=first.shape[0], feat_mult=feat1 // first.shape[0],
+                      n_conv=n_conv, kernel_size=first.shape[-1])
+
+
+def _infer_e3cnn_config(state):
+    """The published checkpoints all use the published layout; the level count and width come from the keys."""
+    from .networks.config import E3CNNConfig
+
+    levels = sorted({int(k.split(".")[3]) for k in state if k.startswith("net.down.down_blocks.")})
+    # level-0 norm: one weight per irrep copy: 4m + 4m scalars, 6m gates, 2m + 2m + m + m gated = 20 m
+    mult = state["net.down.down_blocks.0.batchnorm1.weight"].shape[0] // 20 if \
+        "net.down.down_blocks.0.batchnorm1.weight" in state else 2
+    sh_dim = state["net.down.down_blocks.0.conv1.sh"].shape[-1] if "net.down.down_blocks.0.conv1.sh" in state else 25
+    lmax = int(round(sh_dim ** 0.5)) - 1
+    return E3CNNConfig(n_downsample=len(levels) - 1, mult=mult, lmax=lmax)

@@ -1,0 +1,97 @@
+"""``e3pose qc``: QC pictures (three slice views + 3D, mask and canonical axes) for the results of ``e3pose infer``."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HELP = "render QC pictures of `e3pose infer` results (needs `pip install slicer-core`)"
+
+
+def register(subparsers):
+    p = subparsers.add_parser("qc", help=HELP, description=HELP)
+    p.add_argument("results", help="output folder of `e3pose infer` (holds <name>.json and <name>_mask.nii.gz)")
+    p.add_argument("--inputs", default=None,
+                   help="folder with the input volumes, when they moved since `e3pose infer` ran")
+    p.add_argument("-o", "--output", required=True, help="folder for the QC pictures (created)")
+    p.add_argument("--size", type=int, default=360, help="pixels per view (default 360)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _find_input(rec, json_path, inputs_dir):
+    original = Path(rec.get("input", ""))
+    candidates = []
+    if inputs_dir is not None:
+        d = Path(inputs_dir)
+        stem = json_path.stem
+        candidates += [d / original.name] + [d / f"{stem}{ext}" for ext in (".nii.gz", ".nii", ".nrrd", ".mha")]
+    candidates.append(original)
+    for c in candidates:
+        if str(c) and c.is_file():
+            return c
+    raise FileNotFoundError(f"{json_path}: input volume not found (tried {', '.join(map(str, candidates))}); "
+                            "pass --inputs DIR")
+
+
+def load_result(json_path, inputs_dir=None):
+    """(array_ijk, ijk_to_ras, PoseResult, input path) from one `e3pose infer` JSON and its mask."""
+    import nibabel as nib
+
+    from ..result import PoseResult
+
+    json_path = Path(json_path)
+    rec = json.loads(json_path.read_text())
+    src = _find_input(rec, json_path, inputs_dir)
+    img = nib.load(str(src))
+    arr = np.asarray(img.dataobj, dtype=np.float32)
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    brain = eyes = None
+    mask_path = json_path.with_name(f"{json_path.stem}_mask.nii.gz")
+    if mask_path.is_file():
+        m = np.asarray(nib.load(str(mask_path)).dataobj)
+        brain = ((m > 0) & (m != 2)).astype(np.uint8)
+        eyes = (m == 2).astype(np.uint8) if np.any(m == 2) else None
+    result = PoseResult(
+        rotation=np.asarray(rec["rotation_ras"], float), translation=np.asarray(rec["translation_ras"], float),
+        brain_mask=brain, eye_mask=eyes, ijk_to_ras=np.asarray(img.affine, float),
+        confidence={k: v for k, v in (rec.get("confidence") or {}).items() if isinstance(v, (int, float))},
+        provenance={"model": rec.get("model"), "device": rec.get("device")},
+    )
+    return arr, np.asarray(img.affine, float), result, src
+
+
+def run(args) -> int:
+    try:
+        from ..qc import _require
+
+        _require()
+    except ImportError as exc:
+        print(f"e3pose qc: {exc}", file=sys.stderr)
+        return 2
+    from ..qc import contact_sheet, render_qc
+
+    results = Path(args.results)
+    jsons = sorted(p for p in results.glob("*.json") if not p.name.startswith("."))
+    if not jsons:
+        print(f"e3pose qc: no <name>.json results in {results}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs, failed = [], 0
+    for j in jsons:
+        try:
+            arr, aff, result, src = load_result(j, args.inputs)
+            png = render_qc(arr, aff, result, out / f"{j.stem}_qc.png", title=j.stem, size=args.size)
+            pngs.append(png)
+            print(f"{j.stem}: {png}", flush=True)
+        except (OSError, KeyError, ValueError) as exc:
+            failed += 1
+            print(f"{j.stem}: FAILED: {exc}", file=sys.stderr, flush=True)
+    if pngs:
+        sheet = contact_sheet(pngs, out / "contact_sheet.png", out / "index.html")
+        print(f"contact sheet: {sheet} and {out / 'index.html'}")
+    return 1 if failed else 0

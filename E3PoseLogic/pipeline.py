@@ -1,0 +1,208 @@
+"""The E(3)-Pose pipeline: volume (array + IJK-to-RAS) -> fetal head pose.
+
+Stages: U-Net input (3 mm, 128^3) -> U-Net -> brain mask (posterior thresholds, largest component) -> centre of mass
+(translation) -> crop around the brain -> E3-CNN (pseudovector + 2 vectors) -> rotation (handedness + SVD) -> world
+frame. Each stage is a function of this module so tests and benchmarks can call it alone.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+import numpy as np
+from scipy import ndimage
+
+from . import __version__, frames
+from .crop import crop_for_e3cnn
+from .errors import E3PoseError
+from .preprocess import map_unet_mask_to_input, resample_to_grid, unet_input
+from .result import PoseResult
+from .rotation import axes_to_rotation, world_rotation
+from .segmentation import DEFAULT_THRESHOLDS, brain_and_eyes, check_mask, softmax
+
+STAGES = ("preprocess", "segmentation", "crop", "rotation", "output")
+
+
+class Cancelled(E3PoseError):
+    """The caller asked to stop (Slicer's Cancel button, Ctrl-C in a worker)."""
+
+
+def resolve_device(device="auto"):
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "gpu":
+        device = "cuda"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise E3PoseError("device 'cuda' was asked for but no CUDA GPU is available (use --device cpu)")
+    return torch.device(device)
+
+
+class Pipeline:
+    """Holds the two loaded networks; ``run`` estimates one pose. Reuse one Pipeline for a batch."""
+
+    def __init__(self, unet, e3cnn, unet_info=None, e3cnn_info=None, device="auto",
+                 thresholds=DEFAULT_THRESHOLDS):
+        self.device = resolve_device(device)
+        self.unet = unet.to(self.device).eval() if unet is not None else None
+        self.e3cnn = e3cnn.to(self.device).eval()
+        self.unet_info = dict(unet_info or {})
+        self.e3cnn_info = dict(e3cnn_info or {})
+        self.thresholds = tuple(thresholds)
+        self.unet_size = getattr(getattr(unet, "config", None), "input_size", 128)
+        self.unet_spacing = getattr(getattr(unet, "config", None), "spacing_mm", 3.0)
+
+    @classmethod
+    def from_files(cls, unet_path=None, e3cnn_path=None, device="auto", allow_pickle=False):
+        """Load the networks; ``None`` means the bundled default model (see ``models``)."""
+        from . import models
+        from .checkpoints import load_e3cnn, load_unet
+
+        if unet_path is None or e3cnn_path is None:
+            default = models.default_model()
+            if default.random_weights:
+                unet, unet_info, e3cnn, e3cnn_info = models.random_networks()
+            else:
+                unet, unet_info = load_unet(default.unet)
+                e3cnn, e3cnn_info = load_e3cnn(default.e3cnn)
+            if unet_path is not None:
+                unet, unet_info = load_unet(unet_path, allow_pickle)
+            if e3cnn_path is not None:
+                e3cnn, e3cnn_info = load_e3cnn(e3cnn_path, allow_pickle)
+            return cls(unet, e3cnn, unet_info, e3cnn_info, device)
+        unet, unet_info = load_unet(unet_path, allow_pickle)
+        e3cnn, e3cnn_info = load_e3cnn(e3cnn_path, allow_pickle)
+        return cls(unet, e3cnn, unet_info, e3cnn_info, device)
+
+    @property
+    def is_trained(self):
+        """False when either network is a random-weight placeholder (then every output says so)."""
+        return not (self.unet_info.get("random_weights") or self.e3cnn_info.get("random_weights"))
+
+    # ------------------------------------------------------------------------------------------------ stages
+    def segment(self, x_unet):
+        """U-Net grid volume (float32, [0,1]) -> (brain mask, eye mask), uint8 on the same grid."""
+        import torch
+
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x_unet, dtype=np.float32))[None, None].to(self.device)
+            logits = self.unet(t)[0].float().cpu().numpy()
+        return brain_and_eyes(softmax(logits, axis=0), self.thresholds)
+
+    def network_axes(self, x_crop):
+        """E3-CNN input -> (p, a, b) as a [3, 3] array (rows), components along the array axes."""
+        import torch
+
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(x_crop, dtype=np.float32))[None, None].to(self.device)
+            out = self.e3cnn(t)[0].float().cpu().numpy().astype(np.float64)
+        return out.reshape(3, 3)
+
+    # ------------------------------------------------------------------------------------------------ run
+    def run(self, array_ijk, ijk_to_ras, mask=None, source=None,
+            progress: Optional[Callable[[str, float], None]] = None,
+            cancel: Optional[Callable[[], bool]] = None) -> PoseResult:
+        """Estimate the pose of the fetal head in one volume.
+
+        array_ijk: 3D array in (i, j, k) order; ijk_to_ras: its 4x4 grid; mask: optional brain mask on the same
+        grid (skips the U-Net). ``source`` names the input in error messages. ``progress(stage, fraction)`` is
+        called as stages finish; ``cancel()`` returning True stops at the next stage boundary.
+        """
+        timings = {}
+        clock = _Clock(timings)
+        array = np.asarray(array_ijk)
+        affine = np.asarray(ijk_to_ras, dtype=np.float64)
+        _validate(array, affine, source)
+
+        def step(stage, fraction):
+            if cancel is not None and cancel():
+                raise Cancelled(f"{source or 'volume'}: cancelled")
+            if progress is not None:
+                progress(stage, fraction)
+
+        step("preprocess", 0.0)
+        with clock("preprocess"):
+            x, unet_affine = unet_input(array, affine, self.unet_spacing, self.unet_size)
+            fov = resample_to_grid(np.ones(array.shape, np.uint8), affine, unet_affine, x.shape, order=0) > 0
+        step("segmentation", 0.15)
+        with clock("segmentation"):
+            if mask is None:
+                brain, eyes = self.segment(x)
+                mask_source = "unet"
+            else:
+                brain = resample_to_grid(np.asarray(mask, np.uint8), affine, unet_affine, x.shape, order=0)
+                eyes = None
+                mask_source = "given"
+            voxel_ml = float(np.prod(frames.voxel_sizes(unet_affine)))
+            volume_ml = check_mask(brain, source, voxel_ml, fov=fov)
+        step("crop", 0.5)
+        with clock("crop"):
+            com_unet = np.array(ndimage.center_of_mass(brain), dtype=np.float64)
+            translation = frames.apply(unet_affine, com_unet)
+            cfg = self.e3cnn.config
+            x_crop, box = crop_for_e3cnn(x, brain, cfg.crop_scale, cfg.crop_size)
+        step("rotation", 0.6)
+        with clock("rotation"):
+            axes = self.network_axes(x_crop)
+            rot_voxel, rot_info = axes_to_rotation(*axes)
+            rotation = world_rotation(rot_voxel, frames.direction_cosines(affine))
+        step("output", 0.95)
+        with clock("output"):
+            brain_in = np.asarray(mask, np.uint8) if mask is not None else \
+                map_unet_mask_to_input(brain, unet_affine, affine, array.shape)
+            eyes_in = map_unet_mask_to_input(eyes, unet_affine, affine, array.shape) if eyes is not None else None
+        timings["total"] = sum(timings.values())
+        step("done", 1.0)
+        confidence = {
+            "brain_volume_ml": volume_ml,
+            "axes_singular_values": rot_info["singular_values"],
+            "axes_min_singular_value": float(min(rot_info["singular_values"])),
+            "det_pab": rot_info["det_pab"],
+            "pseudovector_norm": float(np.linalg.norm(axes[0])),
+            # a and b are means of per-voxel unit vectors: a norm near 1 means the voxels agree
+            "vector_a_agreement": float(np.linalg.norm(axes[1])),
+            "vector_b_agreement": float(np.linalg.norm(axes[2])),
+        }
+        return PoseResult(
+            rotation=rotation, translation=translation, brain_mask=brain_in, eye_mask=eyes_in,
+            ijk_to_ras=affine, rotation_voxel=rot_voxel, crop=x_crop,
+            crop_info={**box.to_dict(), "unet_ijk_to_ras": unet_affine.tolist(), "com_unet_voxel": com_unet.tolist()},
+            network_axes=axes, confidence=confidence, timings=timings,
+            provenance={"e3pose_version": __version__, "device": str(self.device), "mask_source": mask_source,
+                        "unet": _public(self.unet_info), "e3cnn": _public(self.e3cnn_info),
+                        "trained": self.is_trained},
+        )
+
+
+def _public(info):
+    return {k: v for k, v in info.items() if k != "config"} | {"config": info.get("config")}
+
+
+def _validate(array, affine, source):
+    from .errors import InputError
+
+    if array.ndim != 3:
+        raise InputError(source, f"expected a 3D volume, got shape {array.shape}")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InputError(source, "the IJK-to-RAS matrix must be a finite 4x4 matrix")
+    frames.check_grid(affine, source)
+    if not np.all(np.isfinite(array)):
+        raise InputError(source, f"{int(np.size(array) - np.count_nonzero(np.isfinite(array)))} voxels are not "
+                                 "finite (NaN or infinity)")
+    if float(array.min()) == float(array.max()):
+        raise InputError(source, "the image is empty (constant)")
+
+
+class _Clock:
+    def __init__(self, store):
+        self.store = store
+
+    @contextmanager
+    def __call__(self, name):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.store[name] = time.perf_counter() - t0

@@ -1,0 +1,242 @@
+"""Visual quality control: a picture of the volume, the mask and the canonical axes, rendered offscreen.
+
+The picture is drawn by Slicer's own displayable managers (the C++ classes behind Slicer's slice and 3D views),
+driven from Python in offscreen VTK windows: three slice views (axial, sagittal, coronal through the head
+centre) and a 3D view (the three slice planes, the brain/eye surfaces and the axes). What you see is what the
+Slicer module shows. Needs the ``slicer-core`` wheel (``pip install slicer-core``) or a Slicer Python, and an
+OpenGL that works offscreen (EGL/OSMesa/Xvfb; Mesa's llvmpipe is enough).
+
+Axes: x red (left-right), y green (posterior -> anterior), z blue (superior -> inferior), from the brain centre.
+Views follow radiological display as Slicer shows them: patient right on screen left in axial/coronal.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+SLICER_CORE_MESSAGE = (
+    "QC pictures need Slicer's MRML libraries: install them with `pip install slicer-core` "
+    "(or run inside 3D Slicer's Python)."
+)
+
+VIEWS = (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal"))
+
+
+def _require():
+    try:
+        import slicer  # noqa: F401
+        import vtk  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{SLICER_CORE_MESSAGE} ({exc})") from exc
+    if not hasattr(slicer, "vtkMRMLScene"):
+        raise ImportError(SLICER_CORE_MESSAGE)
+
+
+def _window(size):
+    import vtk
+
+    rw = vtk.vtkRenderWindow()
+    rw.SetOffScreenRendering(1)
+    rw.SetSize(size, size)
+    ren = vtk.vtkRenderer()
+    rw.AddRenderer(ren)
+    iren = vtk.vtkRenderWindowInteractor()  # some displayable managers expect one
+    iren.SetRenderWindow(rw)
+    iren.Initialize()
+    return rw, ren, iren
+
+
+def _grab(rw) -> np.ndarray:
+    import vtk
+    from vtk.util import numpy_support
+
+    f = vtk.vtkWindowToImageFilter()
+    f.SetInput(rw)
+    f.ReadFrontBufferOff()
+    f.Update()
+    img = f.GetOutput()
+    w, h, _ = img.GetDimensions()
+    a = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, -1)
+    return a[::-1, :, :3].copy()  # VTK rows start at the bottom
+
+
+def _dm_group(app_logic, factory, renderer, managers, node):
+    import slicer
+
+    factory.SetMRMLApplicationLogic(app_logic)
+    for m in managers:
+        if not factory.IsDisplayableManagerRegistered(m):
+            factory.RegisterDisplayableManager(m)
+    g = slicer.vtkMRMLDisplayableManagerGroup()
+    g.Initialize(factory, renderer)
+    g.SetMRMLDisplayableNode(node)
+    return g
+
+
+def render_scene_views(happ, volume_node, nodes, centre, size=360) -> Dict[str, np.ndarray]:
+    """Render the three slice views and the 3D view of a headless scene; returns {view name: RGB array}."""
+    import slicer
+    import vtk
+
+    scene, app = happ.scene, happ.app_logic
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene, True)
+    if app.GetSliceLogics() is None:
+        app.SetSliceLogics(vtk.vtkCollection())
+    if app.GetViewLogics() is None:
+        app.SetViewLogics(vtk.vtkCollection())
+    keep = []  # windows, groups and logics must live until everything is rendered
+    images = {}
+    slice_nodes = []
+    for layout, orientation in VIEWS:
+        rw, ren, iren = _window(size)
+        sl = slicer.vtkMRMLSliceLogic()
+        sl.SetMRMLApplicationLogic(app)
+        sl.SetMRMLScene(scene)
+        app.GetSliceLogics().AddItem(sl)
+        sn = sl.AddSliceNode(layout)
+        sn.SetOrientation(orientation)
+        sn.SetDimensions(size, size, 1)
+        sl.GetSliceCompositeNode().SetBackgroundVolumeID(volume_node.GetID())
+        sl.FitSliceToAll()
+        sn.JumpSliceByCentering(*[float(c) for c in centre])
+        slice_nodes.append(sn)
+        g = _dm_group(app, slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance(), ren,
+                      ["vtkMRMLSegmentationsDisplayableManager2D", "vtkMRMLMarkupsDisplayableManager",
+                       "vtkMRMLModelSliceDisplayableManager", "vtkMRMLOrientationMarkerDisplayableManager"], sn)
+        actor = vtk.vtkImageActor()
+        actor.GetMapper().SetInputConnection(sl.GetImageDataConnection())
+        actor.SetPosition(0, 0, -1)
+        ren.AddActor(actor)
+        cam = ren.GetActiveCamera()
+        cam.ParallelProjectionOn()
+        cam.SetFocalPoint(size / 2, size / 2, 0)
+        cam.SetPosition(size / 2, size / 2, 100)
+        cam.SetViewUp(0, 1, 0)
+        cam.SetParallelScale(size / 2)
+        ren.ResetCameraClippingRange()
+        keep.append((rw, ren, iren, sl, g, actor))
+    for (rw, *_), (layout, orientation) in zip(keep, VIEWS):
+        rw.Render()
+        images[orientation] = _grab(rw)
+
+    rw3, ren3, iren3 = _window(size)
+    rw3.SetAlphaBitPlanes(1)
+    rw3.SetMultiSamples(0)
+    ren3.SetUseDepthPeeling(1)
+    ren3.SetMaximumNumberOfPeels(8)
+    vn = scene.AddNewNodeByClass("vtkMRMLViewNode")
+    vn.SetLayoutName("1")
+    vn.SetBoxVisible(False)
+    vn.SetAxisLabelsVisible(False)
+    slice_nodes[0].SetSliceVisible(True)  # the axial plane only, see-through: opaque planes hide the axes
+    for _rw, _ren, _iren, sl, _g, _a in keep:
+        md = sl.GetSliceModelDisplayNode() if hasattr(sl, "GetSliceModelDisplayNode") else None
+        if md is not None:
+            md.SetOpacity(0.55)
+    g3 = _dm_group(app, slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance(), ren3,
+                   ["vtkMRMLCameraDisplayableManager", "vtkMRMLViewDisplayableManager",
+                    "vtkMRMLModelDisplayableManager", "vtkMRMLThreeDReformatDisplayableManager",
+                    "vtkMRMLSegmentationsDisplayableManager3D", "vtkMRMLMarkupsDisplayableManager"], vn)
+    cam = ren3.GetActiveCamera()
+    centre = np.asarray(centre, float)
+    cam.SetFocalPoint(*centre)
+    cam.SetPosition(*(centre + np.array([-250.0, 320.0, 180.0])))  # from anterior-left-superior... of the world
+    cam.SetViewUp(0, 0, 1)
+    ren3.ResetCamera()
+    cam.Zoom(1.3)
+    ren3.ResetCameraClippingRange()
+    rw3.Render()
+    images["3D"] = _grab(rw3)
+    keep.append((rw3, ren3, iren3, g3))
+    return images
+
+
+def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] = None, size: int = 360,
+              axis_length: float = 40.0) -> Path:
+    """Write a QC PNG (2x2: axial, sagittal, coronal, 3D) for one volume and its PoseResult; returns the path."""
+    _require()
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .mrml.export import atomic_path
+    from .mrml.nodes import volume_from_array, write_pose
+    from .mrml.scene_app import create_headless_app
+
+    t0 = time.perf_counter()
+    happ = create_headless_app()
+    try:
+        volume = volume_from_array(happ.scene, np.asarray(array_ijk, np.float32), ijk_to_ras, title or "volume")
+        dn = volume.GetDisplayNode()
+        lo, hi = np.percentile(np.asarray(array_ijk, float), [1.0, 99.5])
+        dn.SetAutoWindowLevel(False)
+        dn.SetWindowLevel(float(max(hi - lo, 1e-6)), float((hi + lo) / 2))
+        nodes = write_pose(happ.scene, volume, result, axis_length=axis_length)
+        if nodes.segmentation is not None:
+            nodes.segmentation.CreateClosedSurfaceRepresentation()
+            sd = nodes.segmentation.GetDisplayNode()
+            sd.SetOpacity2DFill(0.2)
+            sd.SetOpacity2DOutline(0.9)
+            sd.SetOpacity3D(0.3)
+        centre = np.asarray(result.translation, float)
+        images = render_scene_views(happ, volume, nodes, centre, size=size)
+    finally:
+        happ.scene.Clear(1)
+    fig, axs = plt.subplots(1, 4, figsize=(4 * size / 100, size / 100 + 0.7), dpi=100)
+    for ax, (name, img) in zip(axs, images.items()):
+        ax.imshow(img)
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    conf = getattr(result, "confidence", {}) or {}
+    extra = ", ".join(f"{k} {v:.3g}" for k, v in list(conf.items())[:3] if isinstance(v, (int, float)))
+    head = (title or "E3Pose QC") + (f"   [{extra}]" if extra else "")
+    fig.suptitle(head + "   axes: x red (L-R), y green (P->A), z blue (S->I)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    del t0
+    return Path(png_path)
+
+
+def contact_sheet(pngs: List[Path], out_png, out_html=None, columns: int = 2, titles=None):
+    """One PNG with all QC pictures (scaled down) and an HTML page linking the full-size ones."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    from .mrml.export import atomic_path
+
+    pngs = [Path(p) for p in pngs]
+    titles = titles or [p.stem for p in pngs]
+    rows = max(1, int(np.ceil(len(pngs) / columns)))
+    fig, axs = plt.subplots(rows, columns, figsize=(7 * columns, 2.0 * rows), dpi=110, squeeze=False)
+    for ax in axs.ravel():
+        ax.axis("off")
+    for ax, p, t in zip(axs.ravel(), pngs, titles):
+        ax.imshow(mpimg.imread(str(p)))
+        ax.set_title(t, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    if out_html is not None:
+        import html
+
+        rows_html = "\n".join(
+            f'<figure><a href="{html.escape(p.name)}"><img src="{html.escape(p.name)}" width="100%"></a>'
+            f"<figcaption>{html.escape(t)}</figcaption></figure>" for p, t in zip(pngs, titles))
+        text = ("<!doctype html><html><head><meta charset='utf-8'><title>E3Pose QC</title>"
+                "<style>body{font-family:sans-serif} figure{margin:0 0 1.5em 0}</style></head><body>"
+                "<h1>E3Pose QC</h1><p>Axes: x red (left-right), y green (posterior to anterior), z blue "
+                "(superior to inferior), from the brain centre. Brain mask orange, eyes cyan.</p>"
+                f"{rows_html}</body></html>\n")
+        with atomic_path(out_html) as tmp:
+            Path(tmp).write_text(text)
+    return Path(out_png)

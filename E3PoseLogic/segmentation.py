@@ -1,0 +1,68 @@
+"""From U-Net posteriors to the brain mask (published post-processing) and mask sanity checks."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+DEFAULT_THRESHOLDS = (0.9, 0.8, -1.0)  # background, brain, eyes
+BRAIN, EYES = 1, 2
+
+
+def softmax(logits, axis=0):
+    z = logits - logits.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def labels_from_posteriors(posteriors, thresholds=DEFAULT_THRESHOLDS):
+    """Posteriors [C, x, y, z] -> label map: a class survives only where its posterior exceeds its threshold.
+
+    The published rule (zero sub-threshold posteriors, softmax again, argmax) reduces to an argmax over the
+    thresholded posteriors: softmax is monotonic and zeroed entries tie at exp(0) for every class alike, so
+    argmax(softmax(q)) = argmax(q). Ties resolve to the lowest class index, as argmax does.
+    """
+    p = np.asarray(posteriors, dtype=np.float32)
+    thr = np.asarray(thresholds, dtype=np.float32).reshape(-1, *([1] * (p.ndim - 1)))
+    q = np.where(p > thr, p, np.float32(0.0))
+    return np.argmax(q, axis=0).astype(np.uint8)
+
+
+def largest_component(mask):
+    """Largest 6-connected component (ties: the first in C raster order, as the published code keeps)."""
+    lab, n = ndimage.label(mask)  # default structure = 6-connectivity in 3D
+    if n == 0:
+        return np.zeros(mask.shape, dtype=np.uint8)
+    sizes = np.bincount(lab.ravel())[1:]
+    return (lab == (int(np.argmax(sizes)) + 1)).astype(np.uint8)
+
+
+def brain_and_eyes(posteriors, thresholds=DEFAULT_THRESHOLDS):
+    """-> (brain mask: largest component of label 1, eye mask: label 2), uint8."""
+    labels = labels_from_posteriors(posteriors, thresholds)
+    return largest_component(labels == BRAIN), (labels == EYES).astype(np.uint8)
+
+
+def check_mask(mask, source, voxel_volume_mm3, fov=None, min_volume_ml=5.0):
+    """Refuse masks the pose cannot be trusted on: empty, tiny, or cut by the edge of the field of view.
+
+    ``fov`` is a boolean array of where the image has data (the U-Net grid is zero-padded outside it).
+    """
+    from .errors import InputError
+
+    n = int(np.count_nonzero(mask))
+    if n == 0:
+        raise InputError(source, "the brain mask is empty: no brain found (is the head in the field of view? "
+                                 "is this a fetal MRI volume?)")
+    volume_ml = n * voxel_volume_mm3 / 1000.0
+    if volume_ml < min_volume_ml:
+        raise InputError(source, f"the brain mask is too small ({volume_ml:.1f} ml, {n} voxels; at least "
+                                 f"{min_volume_ml:g} ml expected): the pose would be unreliable")
+    inside = fov if fov is not None else np.ones(mask.shape, dtype=bool)
+    shell = np.zeros(mask.shape, dtype=bool)
+    shell[[0, -1], :, :] = shell[:, [0, -1], :] = shell[:, :, [0, -1]] = True
+    edge = shell | (inside & ~ndimage.binary_erosion(inside, border_value=0))
+    touching = int(np.count_nonzero(mask.astype(bool) & edge))
+    if touching:
+        raise InputError(source, f"the brain mask touches the border of the field of view ({touching} voxels): "
+                                 "the head is cut off, so its centre and orientation would be wrong")
+    return volume_ml
