@@ -16,7 +16,7 @@ rotation (voxel -> canonical, R_vc = rotation_voxel.T) becomes R_target = R_vc @
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 from scipy import ndimage

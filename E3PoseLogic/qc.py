@@ -76,7 +76,7 @@ def _dm_group(app_logic, factory, renderer, managers, node):
     return g
 
 
-def render_scene_views(happ, volume_node, nodes, centre, size=360) -> Dict[str, np.ndarray]:
+def render_scene_views(happ, volume_node, nodes, centre, size=360, fov_mm=None) -> Dict[str, np.ndarray]:
     """Render the three slice views and the 3D view of a headless scene; returns {view name: RGB array}."""
     import slicer
     import vtk
@@ -101,6 +101,8 @@ def render_scene_views(happ, volume_node, nodes, centre, size=360) -> Dict[str, 
         sn.SetDimensions(size, size, 1)
         sl.GetSliceCompositeNode().SetBackgroundVolumeID(volume_node.GetID())
         sl.FitSliceToAll()
+        if fov_mm:
+            sn.SetFieldOfView(float(fov_mm), float(fov_mm), sn.GetFieldOfView()[2])
         sn.JumpSliceByCentering(*[float(c) for c in centre])
         slice_nodes.append(sn)
         g = _dm_group(app, slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance(), ren,
@@ -145,13 +147,31 @@ def render_scene_views(happ, volume_node, nodes, centre, size=360) -> Dict[str, 
     cam.SetFocalPoint(*centre)
     cam.SetPosition(*(centre + np.array([-250.0, 320.0, 180.0])))  # from anterior-left-superior... of the world
     cam.SetViewUp(0, 0, 1)
-    ren3.ResetCamera()
+    if fov_mm:
+        h = 0.5 * float(fov_mm)
+        ren3.ResetCamera(centre[0] - h, centre[0] + h, centre[1] - h, centre[1] + h, centre[2] - h, centre[2] + h)
+    else:
+        ren3.ResetCamera()
     cam.Zoom(1.3)
     ren3.ResetCameraClippingRange()
     rw3.Render()
     images["3D"] = _grab(rw3)
     keep.append((rw3, ren3, iren3, g3))
     return images
+
+
+def _field_of_view(result, minimum=90.0, factor=3.2):
+    """Slice field of view (mm) that frames the head: ``factor`` x the brain radius around its centre."""
+    mask = getattr(result, "brain_mask", None)
+    if mask is None or not np.any(mask):
+        return None
+    ijk = np.argwhere(np.asarray(mask) > 0)
+    if len(ijk) > 20000:
+        ijk = ijk[:: len(ijk) // 20000 + 1]
+    g = np.asarray(result.ijk_to_ras, float)
+    world = ijk @ g[:3, :3].T + g[:3, 3]
+    radius = float(np.max(np.linalg.norm(world - np.asarray(result.translation, float), axis=1)))
+    return max(minimum, factor * radius)
 
 
 def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] = None, size: int = 360,
@@ -183,7 +203,7 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
             sd.SetOpacity2DOutline(0.9)
             sd.SetOpacity3D(0.3)
         centre = np.asarray(result.translation, float)
-        images = render_scene_views(happ, volume, nodes, centre, size=size)
+        images = render_scene_views(happ, volume, nodes, centre, size=size, fov_mm=_field_of_view(result))
     finally:
         happ.scene.Clear(1)
     fig, axs = plt.subplots(1, 4, figsize=(4 * size / 100, size / 100 + 0.7), dpi=100)
@@ -215,6 +235,7 @@ def contact_sheet(pngs: List[Path], out_png, out_html=None, columns: int = 2, ti
 
     pngs = [Path(p) for p in pngs]
     titles = titles or [p.stem for p in pngs]
+    columns = max(1, min(columns, len(pngs)))
     rows = max(1, int(np.ceil(len(pngs) / columns)))
     fig, axs = plt.subplots(rows, columns, figsize=(7 * columns, 2.0 * rows), dpi=110, squeeze=False)
     for ax in axs.ravel():

@@ -38,9 +38,15 @@ def _unit(v):
 
 
 def geodesic_deg(r1, r2):
-    """Angle of the rotation r1^T r2 in degrees (the geodesic distance on SO(3))."""
-    c = (np.trace(np.asarray(r1).T @ np.asarray(r2)) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+    """Angle of the rotation r1^T r2 in degrees (the geodesic distance on SO(3)).
+
+    atan2 of the sine (from the skew part) and cosine (from the trace) stays accurate near 0 and 180 degrees,
+    where arccos of the trace alone loses half the digits (0.03 degrees for float32 matrices).
+    """
+    m = np.asarray(r1, dtype=np.float64).T @ np.asarray(r2, dtype=np.float64)
+    cos = (np.trace(m) - 1.0) / 2.0
+    sin = np.linalg.norm([m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1]]) / 2.0
+    return float(np.degrees(np.arctan2(sin, cos)))
 
 
 def world_rotation(rotation_voxel, direction):
@@ -50,7 +56,9 @@ def world_rotation(rotation_voxel, direction):
     """
     d = np.asarray(direction, dtype=np.float64)
     flip = np.diag([np.sign(np.linalg.det(d)), 1.0, 1.0])
-    return d @ np.asarray(rotation_voxel, dtype=np.float64) @ flip
+    r = d @ np.asarray(rotation_voxel, dtype=np.float64) @ flip
+    u, _, vt = np.linalg.svd(r)  # direction cosines from a float32 header are orthogonal only to ~1e-7
+    return u @ vt
 
 
 def axes_to_rotation_torch(p, a, b):

@@ -118,7 +118,9 @@ def volume_from_array(scene, array_ijk, ijk_to_ras, name="volume", labelmap=Fals
 
 def update_volume(node, array_ijk, ijk_to_ras=None):
     slicer = require_slicer()
-    arr = np.ascontiguousarray(np.asarray(array_ijk).transpose(2, 1, 0))  # (i,j,k) -> Slicer's (k,j,i)
+    from ..frames import ijk_to_kji
+
+    arr = np.ascontiguousarray(ijk_to_kji(np.asarray(array_ijk)))  # Slicer's arrays are (k, j, i)
     slicer.util.updateVolumeFromArray(node, arr)
     if ijk_to_ras is not None:
         node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
@@ -129,7 +131,9 @@ def array_from_volume(node):
     import vtk
 
     slicer = require_slicer()
-    arr = np.array(slicer.util.arrayFromVolume(node)).transpose(2, 1, 0).copy()
+    from ..frames import kji_to_ijk
+
+    arr = np.array(kji_to_ijk(slicer.util.arrayFromVolume(node)))  # a copy, not a view on VTK memory
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     return arr, np_matrix(m)
@@ -397,13 +401,9 @@ class PoseObserver:
     """
 
     def __init__(self, transform_node, on_change=None):
-        import vtk
-
         self.node = transform_node
         self.on_change = on_change
-        self._tag = transform_node.AddObserver(
-            transform_node.TransformModifiedEvent, self._modified, vtk.vtkCommand.LowEventPriority if hasattr(
-                vtk.vtkCommand, "LowEventPriority") else 0.0)
+        self._tag = transform_node.AddObserver(transform_node.TransformModifiedEvent, self._modified)
 
     def _modified(self, caller, event=None):
         update_edited_flag(self.node)

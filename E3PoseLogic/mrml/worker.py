@@ -102,10 +102,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return name == "OutOfMemoryError" or "out of memory" in msg.lower()
 
 
-def build_command(python, input_npz, output_npz, *, device="auto", unet=None, e3cnn=None) -> List[str]:
-    """The worker command line (``python`` = PythonSlicer inside Slicer, ``sys.executable`` elsewhere)."""
+def build_command(python, input_npz, output_npz, *, device="auto", unet=None, e3cnn=None,
+                  source=None) -> List[str]:
+    """The worker command line (``python`` = PythonSlicer inside Slicer, ``sys.executable`` elsewhere).
+    ``source`` names the input in messages (e.g. the volume node name)."""
     cmd = [str(python), "-m", "E3PoseLogic.mrml.worker", "--input", str(input_npz), "--output", str(output_npz),
            "--device", str(device)]
+    if source:
+        cmd += ["--source", str(source)]
     if unet:
         cmd += ["--unet", str(unet)]
     if e3cnn:
@@ -239,6 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--unet", default=None)
     p.add_argument("--e3cnn", default=None)
+    p.add_argument("--source", default=None, help="name of the input in messages")
     args = p.parse_args(argv)
     from ..errors import CheckpointError, InputError
 
@@ -253,7 +258,7 @@ def main(argv=None) -> int:
         def progress(stage, fraction):
             _emit("PROGRESS", f"{0.05 + 0.9 * float(fraction):.3f}", stage)
 
-        result = pipeline.run(arr, aff, mask=mask, source=args.input, progress=progress)
+        result = pipeline.run(arr, aff, mask=mask, source=args.source or args.input, progress=progress)
         save_result_npz(args.output, result)
         _emit("PROGRESS", "1.0", "done")
         _emit("DONE", args.output)

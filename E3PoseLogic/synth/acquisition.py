@@ -3,7 +3,7 @@ head pose in that grid, and the image artefacts (bias field, spin-history bands,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy.spatial.transform import Rotation

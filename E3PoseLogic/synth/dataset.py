@@ -90,8 +90,11 @@ def make_case(seed: int, index: int, cfg: Optional[SynthConfig] = None, ga_weeks
                      rotation_ras=R, rotation_voxel=rotation_voxel_from_world(R, A), com_ras=com, params=P)
 
 
-def nifti_bytes(array: np.ndarray, affine) -> bytes:
-    """A .nii.gz as bytes: gzip with mtime 0 and no file name, so identical data give identical files."""
+def nifti_bytes(array: np.ndarray, affine, compresslevel: int = 6) -> bytes:
+    """A .nii.gz as bytes: gzip with mtime 0 and no file name, so identical data give identical files.
+
+    Training sets use level 1: noisy images barely compress better at 6, and it halves the writing time.
+    """
     import nibabel as nib
 
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
@@ -99,7 +102,7 @@ def nifti_bytes(array: np.ndarray, affine) -> bytes:
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0, filename="") as gz:
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=compresslevel, mtime=0, filename="") as gz:
         gz.write(img.to_bytes())
     return buf.getvalue()
 
@@ -136,8 +139,8 @@ def _generate_one(args) -> dict:
     if cfg.val_fraction > 0 and n >= 2:
         n_val = max(1, n_val)
     fold = "validation" if index >= n - n_val else "training"
-    _write_bytes(Path(outdir) / "images" / f"{case.frame_id}.nii.gz", nifti_bytes(case.image, case.affine))
-    _write_bytes(Path(outdir) / "labels" / f"{case.frame_id}.nii.gz", nifti_bytes(case.label, case.affine))
+    _write_bytes(Path(outdir) / "images" / f"{case.frame_id}.nii.gz", nifti_bytes(case.image, case.affine, 1))
+    _write_bytes(Path(outdir) / "labels" / f"{case.frame_id}.nii.gz", nifti_bytes(case.label, case.affine, 1))
     return pose_row(case, fold)
 
 
@@ -215,3 +218,79 @@ def make_sample(outdir, seed: int = SAMPLE_SEED, ga_weeks: float = SAMPLE_GA) ->
     )
     _write_bytes(out / "sample_head_pose.json", (json.dumps(pose, indent=2) + "\n").encode())
     return pose
+
+
+def make_canonical_frame_figure(path, seed: int = 4, ga_weeks: float = 30.0) -> None:
+    """``Resources/canonical_frame.png``: the phantom's mid-slices in canonical coordinates with e_x, e_y, e_z.
+
+    Eyes lie off the mid-planes, so their outlines are drawn as dashed projections.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .phantom import render_canonical
+
+    P = sample_phantom(np.random.default_rng(seed), ga_weeks=ga_weeks)
+    img, lab, A, _ = render_canonical(P, spacing=0.75)
+    sp = A[0, 0]
+    coords = [A[a, 3] + sp * np.arange(lab.shape[a]) for a in range(3)]
+    colours = {"x": "#e41a1c", "y": "#2ca02c", "z": "#1f77b4"}
+    words = {"x": "e_x  left-right\n(pseudovector)", "y": "e_y  posterior → anterior",
+             "z": "e_z  superior → inferior"}
+    # (title, fixed axis, horizontal axis, vertical axis); z (inferior) always points down, y (anterior) right/up
+    # the sagittal slice sits 5 mm off the midline: at x = 0 it would cut along the CSF of the interhemispheric fissure
+    views = [("parasagittal (x = +5 mm)", 0, 1, 2), ("coronal (y = 0)", 1, 0, 2), ("axial (z = 0)", 2, 0, 1)]
+    slice_at = {0: 5.0, 1: 0.0, 2: 0.0}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6), dpi=110, facecolor="white")
+    L = 32.0
+    for ax, (title, fix, h, v) in zip(axes, views):
+        at = int(np.argmin(np.abs(coords[fix] - slice_at[fix])))
+        sl = np.take(img, at, axis=fix)
+        eyes = np.any(lab == 2, axis=fix)
+        brain = np.take(lab == 1, at, axis=fix)
+        if h > v:
+            sl, eyes, brain = sl.T, eyes.T, brain.T
+        down = v == 2  # inferior down
+        ext = [coords[h][0], coords[h][-1], coords[v][-1], coords[v][0]] if down else \
+              [coords[h][0], coords[h][-1], coords[v][0], coords[v][-1]]
+        ax.imshow(sl.T, cmap="gray", vmin=0, vmax=1, extent=ext, origin="upper" if down else "lower")
+        hh, vv = np.meshgrid(coords[h], coords[v], indexing="ij")
+        ax.contour(hh, vv, brain.astype(float), [0.5], colors=["#ffd92f"], linewidths=1.0)
+        ax.contour(hh, vv, eyes.astype(float), [0.5], colors=["#17becf"], linewidths=1.2, linestyles="--")
+        if down:
+            ax.set_ylim(coords[v][-1], coords[v][0])
+        for name, a in (("x", 0), ("y", 1), ("z", 2)):
+            if a not in (h, v):
+                # screen right x screen up = out of the page
+                right = np.eye(3)[h]
+                up = -np.eye(3)[v] if down else np.eye(3)[v]
+                out = float(np.cross(right, up)[a])
+                ax.plot(0, 0, marker="o", ms=9, mfc="none", mec=colours[name], mew=2)
+                if out < 0:
+                    ax.plot(0, 0, marker="x", ms=7, color=colours[name], mew=2)
+                ax.text(-3, -4 if down else 4, f"e_{name} {'out of' if out > 0 else 'into'} page",
+                        color=colours[name], fontsize=8, ha="right", va="bottom" if down else "top",
+                        bbox=dict(facecolor="white", alpha=0.75, edgecolor="none", pad=1.0))
+                continue
+            d = [0.0, 0.0]
+            d[0 if a == h else 1] = L
+            ax.annotate("", xy=(d[0], d[1]), xytext=(0, 0),
+                        arrowprops=dict(arrowstyle="-|>", color=colours[name], lw=2.5, mutation_scale=16))
+            ax.text(d[0] * 1.12 + (2 if a == h else 0), d[1] * 1.12, words[name], color=colours[name],
+                    fontsize=9, fontweight="bold", ha="left" if a == h else "center",
+                    va="center" if a == h else ("top" if down else "bottom"),
+                    bbox=dict(facecolor="white", alpha=0.75, edgecolor="none", pad=1.5))
+        ax.set_title(title)
+        ax.set_xlabel(f"{'xyz'[h]} (mm)")
+        ax.set_ylabel(f"{'xyz'[v]} (mm)")
+    fig.suptitle("E(3)-Pose canonical frame (synthetic fetal head, 30 weeks): origin = brain centre of mass; "
+                 "x = y × z points to the fetal left.\nYellow: brain label (slice); cyan dashed: eyes (projection) — "
+                 "anterior (+y) and inferior (+z).", fontsize=10)
+    fig.tight_layout()
+    from ..atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""``e3pose train-unet`` and ``e3pose train-e3cnn``: train the two networks on the published data layout.
+
+Light at import time: the trainers (torch, e3nn) are imported when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p, unet_defaults):
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=100, help="number of epochs (default 100)")
+    g.add_argument("--steps-per-epoch", type=int, default=100,
+                   help="optimiser steps per epoch; each step draws --batch-size random augmented cases (default 100)")
+    g.add_argument("--batch-size", type=int, default=unet_defaults["batch"], help="cases per step (per process)")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default=unet_defaults["optimizer"],
+                   help=f"default {unet_defaults['optimizer']} (published)")
+    g.add_argument("--lr", type=float, default=unet_defaults["lr"], help=f"learning rate (default {unet_defaults['lr']})")
+    g.add_argument("--weight-decay", type=float, default=unet_defaults["wd"])
+    g.add_argument("--clip-grad", type=float, default=10.0, help="gradient-norm clipping (default 10)")
+    g.add_argument("--rotation-deg", type=float, default=180.0,
+                   help="rotation augmentation: Euler angles U(+-DEG) per axis; 180 (default) = uniform over SO(3); "
+                        "0 = none")
+    g.add_argument("--seed", type=int, default=0, help="random seed (weights, draws, augmentation)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--amp", action="store_true", help="mixed precision on GPU (bf16 autocast, fp16 if no bf16)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--workers", type=int, default=0, help="data-loader worker processes for augmentation")
+    g.add_argument("--prep-workers", type=int, default=1, help="processes for the one-off preprocessing")
+    g.add_argument("--resume", action="store_true", help="continue from OUTDIR/last.pt (same options)")
+    g.add_argument("--time-limit", type=float, metavar="MIN", help="stop after the epoch that passes MIN minutes")
+    g.add_argument("--max-cases", type=int, help="use only the first N training cases")
+    g.add_argument("--max-val", type=int, help="use only the first N validation cases")
+    g.add_argument("--trained-on", metavar="TEXT",
+                   help="training-data description stored in the checkpoints (default: detected; 'synthetic ...' "
+                        "for e3pose synth data)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("U-Net grid (the inference preprocessing)")
+    g.add_argument("--unet-size", type=int, default=128, help="U-Net grid side in voxels (default 128)")
+    g.add_argument("--unet-spacing", type=float, default=3.0, help="U-Net grid spacing in mm (default 3)")
+
+
+def register(subparsers) -> None:
+    desc = ("Data: IMG_DIR/<id>.nii[.gz] and LAB_DIR/<id>.nii[.gz] with the same names (labels 0 background, "
+            "1 brain, 2 eyes), any grid: every volume is preprocessed exactly as at inference. Writes OUTDIR/best.pt "
+            "(lowest validation loss), last.pt (for --resume), metrics.csv, learning_curve.png, train_config.json. "
+            "Several GPUs: torchrun --nproc_per_node N -m E3PoseLogic train-... (DistributedDataParallel).")
+    p = subparsers.add_parser("train-unet", help="train the segmentation U-Net (brain, eyes)",
+                              description="Train the segmentation U-Net. " + desc)
+    for name in ("train_img", "train_lab", "val_img", "val_lab"):
+        p.add_argument(name, help=name.replace("_", " ").replace("img", "images folder").replace("lab", "labels folder"))
+    p.add_argument("outdir", help="output folder")
+    _common(p, dict(batch=4, optimizer="adam", lr=1e-4, wd=0.0))
+    g = p.add_argument_group("architecture")
+    g.add_argument("--n-feat", type=int, default=16, help="features at the first level (default 16)")
+    g.add_argument("--levels", type=int, default=4, help="U-Net levels (default 4)")
+    p.set_defaults(func=run_unet)
+
+    p = subparsers.add_parser("train-e3cnn", help="train the E(3)-equivariant rotation network",
+                              description="Train the E3-CNN on crops made from the ground-truth brain mask. "
+                                          "ANNOTATIONS.csv: frame_id, rot_x, rot_y, rot_z[, fold] (scipy extrinsic "
+                                          "'xyz' degrees, voxel-axis frame -> canonical). " + desc)
+    for name in ("train_img", "train_lab", "val_img", "val_lab"):
+        p.add_argument(name, help=name.replace("_", " ").replace("img", "images folder").replace("lab", "labels folder"))
+    p.add_argument("annotations", help="annotation CSV covering the training and validation cases")
+    p.add_argument("outdir", help="output folder")
+    _common(p, dict(batch=1, optimizer="sgd", lr=0.01, wd=3e-5))
+    g = p.add_argument_group("architecture")
+    g.add_argument("--mult", type=int, default=2, help="irreps multiplicity at level 0 (default 2)")
+    g.add_argument("--n-downsample", type=int, default=4, help="number of 2x poolings (default 4)")
+    g.add_argument("--lmax", type=int, default=4, help="spherical-harmonics order of the filters (default 4)")
+    g.add_argument("--crop-size", type=int, default=64, help="largest side of the E3-CNN input (default 64)")
+    g.add_argument("--published-pooling", action="store_true",
+                   help="published pooling of 0o scalars (not mirror-exact); default: parity-exact pooling")
+    g.add_argument("--loss", choices=("axes", "geodesic"), default="axes",
+                   help="axes (published, per voxel on the unpooled map) or geodesic (pooled rotation angle)")
+    p.set_defaults(func=run_e3cnn)
+
+
+def _check(args):
+    for name in ("epochs", "steps_per_epoch", "batch_size"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    if args.lr <= 0:
+        return "--lr must be positive"
+    if args.unet_size < 8 or args.unet_spacing <= 0:
+        return "--unet-size must be >= 8 and --unet-spacing positive"
+    if args.workers < 0 or args.prep_workers < 1:
+        return "--workers must be >= 0 and --prep-workers >= 1"
+    return ""
+
+
+def _run(args, module):
+    import importlib
+    import sys
+
+    problem = _check(args)
+    if problem:
+        print(f"e3pose {args.command}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return importlib.import_module(f"E3PoseLogic.training.{module}").run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"e3pose {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def run_unet(args: argparse.Namespace) -> int:
+    if (args.unet_size >> (args.levels - 1)) << (args.levels - 1) != args.unet_size:
+        import sys
+
+        print(f"e3pose train-unet: --unet-size must be divisible by 2^(levels-1) = {2 ** (args.levels - 1)}",
+              file=sys.stderr)
+        return 2
+    return _run(args, "unet_trainer")
+
+
+def run_e3cnn(args: argparse.Namespace) -> int:
+    return _run(args, "e3cnn_trainer")

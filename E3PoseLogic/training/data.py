@@ -1,0 +1,239 @@
+"""Training data: published folder layout -> preprocessed arrays cached in memory -> augmented draws.
+
+Layout: IMG_DIR/<id>.nii[.gz] and LAB_DIR/<id>.nii[.gz] with the same names (labels 0 background, 1 brain,
+2 eyes); for the E3-CNN a CSV ``frame_id, rot_x, rot_y, rot_z[, fold]`` (scipy extrinsic 'xyz' degrees, voxel-axis
+frame -> canonical). Any input grid works: each volume is preprocessed once, as at inference, and kept in RAM.
+
+A draw is a pure function of (seed, epoch, global draw index), so the augmented stream does not depend on the
+number of loader workers or processes; processes of a distributed run take interleaved draw indices.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import augment
+from ..crop import crop_for_e3cnn, resize
+from ..preprocess import resample_to_grid, unet_input
+from ..volume_io import NIFTI_SUFFIXES, load_volume, volume_name
+
+
+# ------------------------------------------------------------------------------------------------- listing
+def list_cases(img_dir, lab_dir, max_cases: Optional[int] = None) -> List[Tuple[str, Path, Path]]:
+    """(frame_id, image, label) for every image that has a label of the same name; sorted by frame_id."""
+    img_dir, lab_dir = Path(img_dir), Path(lab_dir)
+    for d in (img_dir, lab_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: not a folder")
+    labels = {volume_name(p): p for p in lab_dir.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES)}
+    cases, missing = [], []
+    for p in sorted(img_dir.iterdir()):
+        if not p.name.lower().endswith(NIFTI_SUFFIXES):
+            continue
+        fid = volume_name(p)
+        if fid in labels:
+            cases.append((fid, p, labels[fid]))
+        else:
+            missing.append(fid)
+    if missing:
+        print(f"warning: {len(missing)} images in {img_dir} have no label in {lab_dir} (e.g. {missing[0]}); "
+              "skipped", file=sys.stderr)
+    if not cases:
+        raise FileNotFoundError(f"no image/label pairs with the same name in {img_dir} and {lab_dir}")
+    return cases[:max_cases] if max_cases else cases
+
+
+def read_annotations(path) -> Dict[str, np.ndarray]:
+    """frame_id -> R_vc (3x3, rows = canonical axes e_x, e_y, e_z in the voxel-axis frame)."""
+    import csv
+
+    from scipy.spatial.transform import Rotation
+
+    out = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = {c.strip() for c in (reader.fieldnames or [])}
+        need = {"frame_id", "rot_x", "rot_y", "rot_z"}
+        if not need <= cols:
+            raise ValueError(f"{path}: missing columns {sorted(need - cols)}")
+        for r in reader:
+            r = {k.strip(): v.strip() for k, v in r.items() if k}
+            ang = [float(r[k]) for k in ("rot_x", "rot_y", "rot_z")]
+            out[r["frame_id"]] = Rotation.from_euler("xyz", ang, degrees=True).as_matrix()
+    return out
+
+
+def detect_synthetic(*folders) -> Optional[str]:
+    """A description if the data came from ``e3pose synth`` (its ``synth_config.json``/``synth.json`` marker sits
+    in the data folder or its parent), else None."""
+    seen = []
+    for folder in folders:
+        for d in (Path(folder), Path(folder).parent):
+            for name in ("synth_config.json", "synth.json"):
+                f = d / name
+                if f.is_file() and f not in seen:
+                    seen.append(f)
+    if not seen:
+        return None
+    seeds = []
+    for f in seen:
+        try:
+            meta = json.loads(f.read_text())
+            if "seed" in meta:
+                seeds.append(str(meta["seed"]))
+        except (OSError, ValueError):
+            pass
+    return "synthetic fetal heads (e3pose synth" + (f", seeds {', '.join(seeds)}" if seeds else "") + ")"
+
+
+# ------------------------------------------------------------------------------------------------- preprocessing
+def _load_pair(img_path, lab_path):
+    img, affine = load_volume(img_path)
+    lab, lab_affine = load_volume(lab_path)
+    if lab.shape != img.shape or not np.allclose(lab_affine, affine, atol=1e-3):
+        # labels on another grid are still usable: nearest onto the image grid
+        lab = resample_to_grid(np.rint(lab).astype(np.uint8), lab_affine, affine, img.shape, order=0)
+    return img, affine, np.rint(lab).astype(np.uint8)
+
+
+def unet_case(img_path, lab_path, spacing: float, size: int):
+    """(x float32 size^3 in [0, 1], labels uint8 size^3) on the U-Net grid, exactly as inference builds x."""
+    img, affine, lab = _load_pair(img_path, lab_path)
+    x, grid = unet_input(img, affine, spacing, size)
+    y = resample_to_grid(lab, affine, grid, x.shape, order=0).astype(np.uint8)
+    return x, y
+
+
+@dataclass
+class CropCase:
+    frame_id: str
+    x: np.ndarray  # E3-CNN input, float32 in [0, 1]
+    mask: np.ndarray  # brain mask on the crop (uint8), places the spin-history band
+    spacing_mm: float  # physical voxel size of the crop (for the band width in mm)
+    r_vc: np.ndarray  # 3x3 target: rows = canonical axes in the array-axis frame
+
+
+def e3cnn_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: float, crop_size: int):
+    """The E3-CNN input built from the ground-truth brain mask with the inference crop (``crop_for_e3cnn``).
+
+    The U-Net grid keeps the input's voxel axes (direction cosines), so R_vc written in the voxel-axis frame is
+    also the target in the crop's array-axis frame.
+    """
+    x_unet, y = unet_case(img_path, lab_path, spacing, size)
+    brain = (y == 1).astype(np.uint8)
+    if not brain.any():
+        raise ValueError("no brain (label 1) inside the U-Net field of view")
+    x, box = crop_for_e3cnn(x_unet, brain, crop_scale, crop_size)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(box.start, box.stop))
+    m = resize(np.ascontiguousarray(brain[sl]), box.resized_shape, order=0).astype(np.uint8)
+    crop_spacing = spacing * float(max(np.asarray(box.stop) - np.asarray(box.start))) / float(max(box.resized_shape))
+    return CropCase(volume_name(img_path), x.astype(np.float32), m, crop_spacing, np.asarray(r_vc, np.float64))
+
+
+def _run_jobs(fn, jobs, workers: int, desc: str):
+    """Apply fn(*job) to every job (processes when workers > 1), with a progress bar; failures are skipped."""
+    from tqdm import tqdm
+
+    results = []
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=workers) as ex:
+            futures = [ex.submit(fn, *j) for j in jobs]
+            for j, f in tqdm(list(zip(jobs, futures)), desc=desc, unit="case", file=sys.stderr):
+                results.append(_get(f.result, j))
+    else:
+        for j in tqdm(jobs, desc=desc, unit="case", file=sys.stderr):
+            results.append(_get(lambda: fn(*j), j))
+    return [r for r in results if r is not None]
+
+
+def _get(call, job):
+    try:
+        return call()
+    except Exception as exc:  # one unreadable case should not stop a long preprocessing
+        print(f"warning: skipped {job[0]}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def cache_unet(cases, spacing, size, workers=1, desc="preprocess"):
+    """In-memory list of (x, labels) for the U-Net."""
+    return _run_jobs(unet_case, [(p, q, spacing, size) for _, p, q in cases], workers, desc)
+
+
+def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, workers=1, desc="preprocess"):
+    """In-memory list of CropCase; cases without an annotation row are skipped with a warning."""
+    jobs, missing = [], []
+    for fid, p, q in cases:
+        if fid in annotations:
+            jobs.append((p, q, annotations[fid], spacing, size, crop_scale, crop_size))
+        else:
+            missing.append(fid)
+    if missing:
+        print(f"warning: {len(missing)} cases have no row in the annotation CSV (e.g. {missing[0]}); skipped",
+              file=sys.stderr)
+    return _run_jobs(e3cnn_case, jobs, workers, desc)
+
+
+# ------------------------------------------------------------------------------------------------- augmentation
+def rotation_limit(deg: float):
+    """--rotation-deg -> augment.random_rotation's argument: >= 180 means uniform over SO(3), 0 none."""
+    return None if deg >= 180 else float(deg)
+
+
+def draw_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), int(epoch), int(index)])
+
+
+# The U-Net chain with upstream's optional resolution loss switched on (useful for thick-slice / navigator data).
+UNET_AUG = {"preset": "unet", "lowres_p": 0.75}
+E3CNN_AUG = {"preset": "e3cnn"}
+
+
+def augment_unet(x, y, rng, rotation_deg: float, spacing: float):
+    """Rotation of the U-Net input and its labels about the grid centre, then the intensity chain."""
+    if rotation_deg > 0:
+        x, y, _ = augment.random_rotation(x, y, rng, rotation_limit(rotation_deg), spacing=spacing)
+    x = augment.augment_intensity(x, rng, UNET_AUG, mask=(y == 1), spacing=spacing)
+    return x, y
+
+
+def augment_crop(case: CropCase, rng, rotation_deg: float):
+    """Rotation A of the crop about its centre (array-axis frame), then the intensity chain.
+
+    Returns (x, R_target) with R_target = R_vc A^T: the canonical axes moved with the content.
+    """
+    x, m, target = case.x, case.mask, case.r_vc
+    if rotation_deg > 0:
+        x, m, A = augment.random_rotation(x, m, rng, rotation_limit(rotation_deg), spacing=1.0)
+        target = case.r_vc @ A.T
+    x = augment.augment_intensity(x, rng, E3CNN_AUG, mask=m, spacing=case.spacing_mm)
+    return x, target
+
+
+class DrawDataset:
+    """Map-style dataset of augmented draws: item i is draw ``rank + i * world`` of this epoch.
+
+    ``make(cache_item, rng)`` returns the training sample; the case is drawn uniformly with replacement (as
+    upstream's IterableDataset), from the same generator, so everything is reproducible from the seed.
+    """
+
+    def __init__(self, cache, n_items, make, seed=0, rank=0, world=1):
+        self.cache, self.n_items, self.make = cache, int(n_items), make
+        self.seed, self.rank, self.world, self.epoch = int(seed), int(rank), int(world), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return self.n_items
+
+    def __getitem__(self, i):
+        rng = draw_rng(self.seed, self.epoch, self.rank + i * self.world)
+        k = int(rng.integers(len(self.cache)))
+        return self.make(self.cache[k], rng)

@@ -1,0 +1,130 @@
+"""``e3pose train-e3cnn``: the equivariant rotation network on crops built from the ground-truth brain mask.
+
+Each volume goes through ``preprocess.unet_input`` (the grid of the U-Net it will be paired with: ``--unet-size``,
+``--unet-spacing``) and ``crop.crop_for_e3cnn`` with the true brain mask, exactly as inference does with the
+predicted mask. New models use parity-exact pooling unless ``--published-pooling``.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from ..networks.config import E3CNNConfig
+from ..networks.e3cnn import E3CNN
+from . import data
+from .common import Dist, base_provenance, fit, seed_everything
+from .losses import geodesic_loss, rotation_errors_deg, voxel_axes_loss
+
+
+class E3CNNTask:
+    kind = "e3cnn"
+    metric_keys = ("val_median_rot_deg", "val_p95_rot_deg")
+    title = "E3-CNN training"
+    find_unused = True  # the published zero-size bias never receives a gradient
+
+    def __init__(self, args, train_cache, val_cache, trained_on):
+        self.args = args
+        self.cfg = E3CNNConfig(n_downsample=args.n_downsample, mult=args.mult, lmax=args.lmax,
+                               crop_size=args.crop_size, parity_exact_pool=not args.published_pooling)
+        self.model = E3CNN(self.cfg)
+        self.train_cache, self.val_cache, self.trained_on = train_cache, val_cache, trained_on
+
+    def train_dataset(self, n_items, rank, world):
+        rot = self.args.rotation_deg
+
+        def make(case, rng):
+            return data.augment_crop(case, rng, rot)
+
+        return data.DrawDataset(self.train_cache, n_items, make, self.args.seed, rank, world)
+
+    @staticmethod
+    def collate(batch):
+        """A list of (x [1, 1, X, Y, Z], R_target [1, 3, 3]): crops clipped at the field-of-view edge are not
+        cubic, so a batch is only stacked when all shapes agree (see ``_groups``)."""
+        return [(torch.from_numpy(np.ascontiguousarray(x, np.float32))[None, None],
+                 torch.as_tensor(np.asarray(r), dtype=torch.float32)[None]) for x, r in batch]
+
+    @staticmethod
+    def _groups(batch):
+        """Stack samples of equal shape (one forward each group); the network is per-sample (instance norm)."""
+        groups = {}
+        for x, r in batch:
+            groups.setdefault(tuple(x.shape), []).append((x, r))
+        return [(torch.cat([x for x, _ in g]), torch.cat([r for _, r in g])) for g in groups.values()]
+
+    def _loss(self, net, x, r):
+        if self.args.loss == "geodesic":
+            return geodesic_loss(net(x, pool=True), r)
+        return voxel_axes_loss(net(x, pool=False), r)
+
+    def train_loss(self, net, batch, device):
+        total, n = 0.0, 0
+        for x, r in self._groups(batch):
+            x, r = x.to(device, non_blocking=True), r.to(device, non_blocking=True)
+            total = total + self._loss(net, x, r) * len(x)
+            n += len(x)
+        return total / n
+
+    def validate(self, model, device):
+        """Loss (the training loss, unaugmented) and geodesic error of the pooled prediction, in degrees."""
+        losses, errors = [], []
+        for case in self.val_cache:
+            x = torch.from_numpy(case.x)[None, None].to(device)
+            r = torch.as_tensor(case.r_vc, dtype=torch.float32)[None].to(device)
+            unpooled = model(x, pool=False)
+            pooled = model.net.pool(unpooled).flatten(1)
+            if self.args.loss == "geodesic":
+                losses.append(float(geodesic_loss(pooled, r)))
+            else:
+                losses.append(float(voxel_axes_loss(unpooled, r)))
+            errors.append(float(rotation_errors_deg(pooled, r)[0]))
+        e = np.asarray(errors) if errors else np.array([np.nan])
+        return {"val_loss": float(np.mean(losses)) if losses else float("nan"),
+                "val_median_rot_deg": float(np.median(e)), "val_p95_rot_deg": float(np.percentile(e, 95)),
+                "val_success_10deg": float(np.mean(e <= 10)), "val_success_30deg": float(np.mean(e <= 30))}
+
+    def provenance(self, args, epochs_done, elapsed_s, device, best_epoch, best_row):
+        return base_provenance(args, self.kind, self.trained_on, len(self.train_cache), len(self.val_cache),
+                               epochs_done, elapsed_s, device, best_epoch, best_row, extra={
+                                   "loss": "geodesic (pooled)" if args.loss == "geodesic" else
+                                   "0.5 |p x e_x| + |a - e_y| + |b - e_z| per voxel (unpooled)",
+                                   "augmentation": dict(data.E3CNN_AUG),
+                                   "annotations": str(args.annotations),
+                                   "unet_grid": {"size": args.unet_size, "spacing_mm": args.unet_spacing},
+                               })
+
+
+def run(args) -> int:
+    from .common import trained_on_text, write_run_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = Dist(args.device)
+    seed_everything(args.seed, dist.rank)
+    trained_on = trained_on_text(args)
+    ann = data.read_annotations(args.annotations)
+    train_cases = data.list_cases(args.train_img, args.train_lab, args.max_cases)
+    val_cases = data.list_cases(args.val_img, args.val_lab, args.max_val)
+    if dist.main:
+        print(f"E3-CNN: {len(train_cases)} training, {len(val_cases)} validation cases; U-Net grid "
+              f"{args.unet_size}^3 at {args.unet_spacing} mm, crop {args.crop_size}; trained_on: {trained_on}",
+              file=sys.stderr)
+    prep = (args.unet_spacing, args.unet_size, E3CNNConfig().crop_scale, args.crop_size)
+    train_cache = data.cache_e3cnn(train_cases, ann, *prep, workers=args.prep_workers, desc="train data")
+    val_cache = data.cache_e3cnn(val_cases, ann, *prep, workers=args.prep_workers, desc="val data") \
+        if dist.main else []
+    if not train_cache:
+        print("error: no usable training case (check the annotation CSV frame_ids)", file=sys.stderr)
+        return 2
+    task = E3CNNTask(args, train_cache, val_cache, trained_on)
+    if dist.main:
+        write_run_config(args, task.cfg.to_dict(), len(train_cache), len(val_cache))
+    rows = fit(task, args, dist)
+    dist.close()
+    if dist.main and rows:
+        best = min(rows, key=lambda r: r["val_loss"])
+        print(f"done: best epoch {best['epoch']} val loss {best['val_loss']:.4g}, median rotation error "
+              f"{best['val_median_rot_deg']:.1f} deg; checkpoints in {args.outdir}")
+    return 0

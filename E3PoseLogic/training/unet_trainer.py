@@ -1,0 +1,99 @@
+"""``e3pose train-unet``: the segmentation U-Net (background, brain, eyes) on the inference grid.
+
+Inputs are built by ``preprocess.unet_input`` with the U-Net's own spacing and size (stored in its config, which
+inference reads back), labels mapped nearest onto that grid: train and test preprocessing are the same code.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from ..networks.config import UNetConfig
+from ..networks.unet import UNet
+from . import data
+from .common import Dist, base_provenance, fit, seed_everything
+from .losses import hard_dice, unet_loss
+
+
+class UNetTask:
+    kind = "unet"
+    metric_keys = ("val_dice_brain", "val_dice_eyes")
+    title = "U-Net training"
+
+    def __init__(self, args, train_cache, val_cache, trained_on):
+        self.args = args
+        self.cfg = UNetConfig(n_levels=args.levels, n_feat=args.n_feat, input_size=args.unet_size,
+                              spacing_mm=args.unet_spacing)
+        self.model = UNet(self.cfg)
+        self.train_cache, self.val_cache, self.trained_on = train_cache, val_cache, trained_on
+
+    def train_dataset(self, n_items, rank, world):
+        rot, spacing = self.args.rotation_deg, self.cfg.spacing_mm
+
+        def make(item, rng):
+            return data.augment_unet(item[0], item[1], rng, rot, spacing)
+
+        return data.DrawDataset(self.train_cache, n_items, make, self.args.seed, rank, world)
+
+    @staticmethod
+    def collate(batch):
+        x = torch.from_numpy(np.stack([b[0] for b in batch]).astype(np.float32))[:, None]
+        y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64))
+        return x, y
+
+    def train_loss(self, net, batch, device):
+        x, y = batch
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return unet_loss(net(x), y)
+
+    def validate(self, model, device, batch_size=None):
+        """Mean loss over the validation cases (no augmentation) and hard Dice of the argmax labels."""
+        bs = batch_size or self.args.batch_size
+        losses, d_brain, d_eyes = [], [], []
+        for i in range(0, len(self.val_cache), bs):
+            x, y = self.collate(self.val_cache[i:i + bs])
+            logits = model(x.to(device))
+            losses.append(float(unet_loss(logits, y.to(device))) * len(y))
+            pred = logits.argmax(1).cpu().numpy()
+            for p, t in zip(pred, y.numpy()):
+                d_brain.append(hard_dice(p, t, 1))
+                d_eyes.append(hard_dice(p, t, 2))
+        n = max(1, len(self.val_cache))
+        return {"val_loss": sum(losses) / n, "val_dice_brain": float(np.mean(d_brain)),
+                "val_dice_eyes": float(np.mean(d_eyes))}
+
+    def provenance(self, args, epochs_done, elapsed_s, device, best_epoch, best_row):
+        return base_provenance(args, self.kind, self.trained_on, len(self.train_cache), len(self.val_cache),
+                               epochs_done, elapsed_s, device, best_epoch, best_row,
+                               extra={"loss": "class-weighted cross-entropy (1, 8, 2) + 0.5 soft Dice",
+                                      "augmentation": dict(data.UNET_AUG)})
+
+
+def run(args) -> int:
+    from .common import trained_on_text, write_run_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = Dist(args.device)
+    seed_everything(args.seed, dist.rank)
+    trained_on = trained_on_text(args)
+    train_cases = data.list_cases(args.train_img, args.train_lab, args.max_cases)
+    val_cases = data.list_cases(args.val_img, args.val_lab, args.max_val)
+    if dist.main:
+        print(f"U-Net: {len(train_cases)} training, {len(val_cases)} validation cases; grid {args.unet_size}^3 at "
+              f"{args.unet_spacing} mm; trained_on: {trained_on}", file=sys.stderr)
+    train_cache = data.cache_unet(train_cases, args.unet_spacing, args.unet_size, args.prep_workers, "train data")
+    val_cache = data.cache_unet(val_cases, args.unet_spacing, args.unet_size, args.prep_workers, "val data") \
+        if dist.main else []
+    task = UNetTask(args, train_cache, val_cache, trained_on)
+    if dist.main:
+        write_run_config(args, task.cfg.to_dict(), len(train_cache), len(val_cache))
+    rows = fit(task, args, dist)
+    dist.close()
+    if dist.main and rows:
+        best = min(rows, key=lambda r: r["val_loss"])
+        print(f"done: best epoch {best['epoch']} val loss {best['val_loss']:.4g}, Dice brain "
+              f"{best['val_dice_brain']:.3f}; checkpoints in {args.outdir}")
+    return 0
