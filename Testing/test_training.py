@@ -34,7 +34,7 @@ def _args(kind, d, outdir, extra):
     pos = [str(d / "images"), str(d / "labels"), str(d / "images"), str(d / "labels")]
     if kind == "e3cnn":
         pos.append(str(d / "poses.csv"))
-    argv = [f"train-{kind}", *pos, str(outdir), "--threads", "2", "--quiet", *extra]
+    argv = [f"train-{kind}", *pos, str(outdir), "--threads", "1", "--quiet", *extra]
     return build_parser().parse_args(argv)
 
 
@@ -107,7 +107,8 @@ def test_unet_steps_lower_loss(synth_dir, tmp_path):
     from E3PoseLogic.training.unet_trainer import UNetTask
 
     args = _args("unet", synth_dir, tmp_path / "u", UNET_TINY + ["--epochs", "1", "--steps-per-epoch", "30",
-                                                                 "--batch-size", "2", "--lr", "3e-3"])
+                                                                 "--batch-size", "2", "--lr", "1e-2",
+                                                                 "--rotation-deg", "0"])
     cache = data.cache_unet(data.list_cases(args.train_img, args.train_lab), 12.0, 32)
     torch.manual_seed(0)
     task = UNetTask(args, cache, cache[:2], "synthetic test")
@@ -147,7 +148,7 @@ def test_cli_checkpoint_round_trip_and_resume(synth_dir, tmp_path):
     from E3PoseLogic.training.common import read_metrics
 
     out_u, out_e = tmp_path / "u", tmp_path / "e"
-    common = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--threads", "2", "--quiet"]
+    common = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--threads", "1", "--quiet"]
     pos = [str(synth_dir / "images"), str(synth_dir / "labels")] * 2
     assert main(["train-unet", *pos, str(out_u), *UNET_TINY, *common]) == 0
     assert main(["train-e3cnn", *pos, str(synth_dir / "poses.csv"), str(out_e), *E3_TINY, *common,
