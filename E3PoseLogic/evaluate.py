@@ -14,16 +14,11 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from .rotation import geodesic_deg  # noqa: F401  (re-exported: batched geodesic angle)
+
 # Rotation-magnitude bins (degrees), as in Table 2 of the 3DPose-Net paper (Salehi et al. 2019).
 MAGNITUDE_BINS = (0.0, 30.0, 60.0, 90.0, 120.0, 180.0)
 SUCCESS_THRESHOLDS = (10.0, 30.0)
-
-
-def geodesic_deg(Ra, Rb) -> np.ndarray:
-    """Angle (degrees) of the rotation Ra^T Rb: arccos((trace - 1) / 2), clipped against rounding. Batches (..., 3, 3)."""
-    Ra, Rb = np.asarray(Ra, dtype=np.float64), np.asarray(Rb, dtype=np.float64)
-    tr = np.einsum("...ji,...ji->...", Ra, Rb)  # trace(Ra^T Rb)
-    return np.degrees(np.arccos(np.clip((tr - 1.0) / 2.0, -1.0, 1.0)))
 
 
 def rotation_magnitude_deg(R) -> np.ndarray:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _support import fixtures_dir
 from E3PoseLogic import frames
 from E3PoseLogic.preprocess import (
     crop_or_pad,
@@ -19,11 +20,6 @@ from E3PoseLogic.preprocess import (
     resampled_grid,
     unet_input,
 )
-
-
-def fixtures_dir() -> Path:
-    env = os.environ.get("E3POSE_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "upstream"
 
 
 def rot(axis, deg):

@@ -14,6 +14,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .. import frames
 from .acquisition import AcquisitionConfig, acquire, sample_grid, sample_pose
 from .phantom import PhantomParams, render, sample_environment, sample_phantom
 
@@ -49,14 +50,9 @@ def frame_id(seed: int, index: int) -> str:
     return f"syn{int(seed)}_{int(index):05d}"
 
 
-def direction_cosines(affine) -> np.ndarray:
-    a = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return a / np.linalg.norm(a, axis=0)
-
-
 def rotation_voxel_from_world(rotation_ras, affine) -> np.ndarray:
     """Canonical axes in the voxel-axis frame, right-handed there: D^T R diag(det D, 1, 1) (e_x flips if mirrored)."""
-    D = direction_cosines(affine)
+    D = frames.direction_cosines(affine)
     return np.linalg.inv(D) @ np.asarray(rotation_ras, float) @ np.diag([np.sign(np.linalg.det(D)), 1.0, 1.0])
 
 

@@ -1,0 +1,439 @@
+"""``e3pose infer`` end to end: real NIfTI files, real (tiny, random-weight) networks in the native format.
+
+The U-Net has random weights, so it finds no brain: most runs pass known masks with ``--mask-dir`` (a synthetic
+head: a bright ellipsoid "brain" inside a larger, dimmer ellipsoid "head"). The E3-CNN is random too, so the
+rotation is meaningless; what is checked is everything around it: the translation (= the mask's centre of mass),
+the matrix forms and their consistency, file names, per-file error reporting, the exit code and atomic outputs.
+
+Everything shares two small networks and one good batch run (module fixtures) to stay well under a minute on two
+CPU cores.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+nib = pytest.importorskip("nibabel")
+pytest.importorskip("torch")
+pytest.importorskip("e3nn")
+
+from _support import small_e3cnn  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+UNET_SPACING = 6.0  # the tiny U-Net's grid: 32^3 voxels of 6 mm (travels in its native file)
+TMP_RE = re.compile(r"^\..*\.tmp\.")
+SUFFIXES = (".npy", ".json", "_mask.nii.gz", ".tfm")
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def grid(shape, spacing, rotation=None, centre=(4.0, -6.0, 10.0)):
+    """IJK-to-RAS of a grid of ``shape`` voxels centred on ``centre`` (world mm)."""
+    d = np.eye(3) if rotation is None else np.asarray(rotation, float)
+    m = np.eye(4)
+    m[:3, :3] = d @ np.diag(np.broadcast_to(np.asarray(spacing, float), (3,)))
+    m[:3, 3] = np.asarray(centre) - m[:3, :3] @ ((np.asarray(shape) - 1) / 2.0)
+    return m
+
+
+def world_coords(shape, affine):
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def ellipsoid(shape, affine, centre, radii):
+    w = world_coords(shape, affine)
+    return ((((w - np.asarray(centre)) / np.asarray(radii)) ** 2).sum(-1) <= 1.0).astype(np.uint8)
+
+
+def head(shape, affine, centre=(6.0, -3.0, 9.0), radii=(30.0, 36.0, 27.0), seed=0):
+    """(volume float32, brain mask uint8): bright brain ellipsoid in a dimmer head, a little noise."""
+    brain = ellipsoid(shape, affine, centre, radii)
+    skull = ellipsoid(shape, affine, centre, np.asarray(radii) + 14.0)
+    rng = np.random.default_rng(seed)
+    vol = 30.0 * skull + 70.0 * brain + rng.normal(0.0, 2.0, shape)
+    return vol.astype(np.float32), brain
+
+
+def save(path, array, affine):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(array), affine), str(path))
+    return path
+
+
+def world_com(mask_path):
+    """Centre of mass (world RAS mm) of the brain (label 1) in a mask file, through the file's own affine."""
+    img = nib.load(str(mask_path))
+    m = np.asarray(img.get_fdata()) > 0.5
+    ijk = np.argwhere(m).mean(0)
+    return img.affine[:3, :3] @ ijk + img.affine[:3, 3]
+
+
+def rot(axis, deg):
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_euler(axis, deg, degrees=True).as_matrix()
+
+
+def infer(args, models):
+    """``e3pose infer`` in-process -> (exit code, stderr text)."""
+    from E3PoseLogic.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["infer", *map(str, args), "--unet", str(models["unet"]), "--e3cnn", str(models["e3cnn"]),
+                   "--device", "cpu"])
+    return rc, err.getvalue()
+
+
+def tmp_files(folder):
+    return [p.name for p in Path(folder).iterdir() if TMP_RE.match(p.name)]
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def subprocess_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    return env
+
+
+def check_complete_set(outdir, name):
+    """The four outputs of ``name`` exist and every one of them reads back."""
+    from E3PoseLogic import frames
+
+    out = Path(outdir)
+    for suffix in SUFFIXES:
+        assert (out / f"{name}{suffix}").is_file(), f"{name}{suffix} missing"
+    rec = json.loads((out / f"{name}.json").read_text())
+    npy = np.load(out / f"{name}.npy")
+    assert npy.shape == (4, 4) and np.all(np.isfinite(npy))
+    mask = nib.load(str(out / f"{name}_mask.nii.gz"))
+    assert mask.get_fdata().max() >= 1
+    tfm = frames.read_itk_transform(out / f"{name}.tfm")
+    np.testing.assert_allclose(tfm, rec["canonical_to_world_ras"], atol=1e-6)
+    return rec, npy, mask
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny E3-CNN (16^3 crop) and a tiny U-Net (32^3 grid at 6 mm), random weights, native files."""
+    import torch
+
+    from E3PoseLogic.checkpoints import save_native
+    from E3PoseLogic.networks.config import UNetConfig
+    from E3PoseLogic.networks.unet import UNet
+
+    d = tmp_path_factory.mktemp("models")
+    e3 = small_e3cnn(seed=0, crop_size=16, n_downsample=1, lmax=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet(UNetConfig(n_feat=4, n_levels=2, input_size=32, spacing_mm=UNET_SPACING)).eval()
+    return {"e3cnn": save_native(d / "e3cnn.pt", e3, "e3cnn"), "unet": save_native(d / "unet.pt", unet, "unet")}
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, models):
+    """One default run over a folder (2 volumes, one with an inner dot in its name, plus a non-NIfTI file) and a
+    single .nii file whose mask lies on another grid."""
+    base = tmp_path_factory.mktemp("good")
+    inputs, masks, out = base / "inputs", base / "masks", base / "out"
+    vols = {}
+    # 1: axis-aligned 2.5 mm grid
+    a1 = grid((56, 56, 56), 2.5)
+    v1, m1 = head((56, 56, 56), a1, seed=1)
+    vols["h1"] = (save(inputs / "h1.nii.gz", v1, a1), a1, save(masks / "h1.nii.gz", m1, a1))
+    # 2: oblique, mirrored (det < 0), anisotropic grid; the name keeps its inner dot
+    a2 = grid((60, 60, 44), (2.2, 2.2, 3.0), rot("xz", [20, -35]) @ np.diag([-1.0, 1, 1]), centre=(-5, 8, 0))
+    v2, m2 = head((60, 60, 44), a2, centre=(-3.0, 10.0, 2.0), radii=(28.0, 33.0, 25.0), seed=2)
+    vols["sub-01_run.2"] = (save(inputs / "sub-01_run.2.nii.gz", v2, a2), a2,
+                            save(masks / "sub-01_run.2.nii.gz", m2, a2))
+    (inputs / "notes.txt").write_text("not a volume")
+    # 3: a single uncompressed file given by name; its mask on a coarser 3 mm grid (resampled through the world)
+    a3 = grid((48, 48, 48), 2.8, rot("y", 15), centre=(0, 0, 0))
+    v3, _ = head((48, 48, 48), a3, centre=(2.0, 1.0, -3.0), seed=3)
+    am = grid((40, 40, 40), 3.3, centre=(1, 1, 1))
+    mm = ellipsoid((40, 40, 40), am, (2.0, 1.0, -3.0), (30.0, 36.0, 27.0))
+    vols["solo"] = (save(base / "single" / "solo.nii", v3, a3), a3, save(masks / "solo.nii.gz", mm, am))
+
+    t0 = time.perf_counter()
+    rc, err = infer([inputs, vols["solo"][0], "-o", out, "--mask-dir", masks, "-q"], models)
+    return dict(base=base, inputs=inputs, masks=masks, out=out, vols=vols, rc=rc, err=err,
+                seconds=time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------- 1. good batch
+def test_good_batch_outputs(good):
+    assert good["rc"] == 0, good["err"]
+    assert "Traceback" not in good["err"]
+    assert "3 done, 0 failed" in good["err"]
+    out = good["out"]
+    expected = {f"{n}{s}" for n in good["vols"] for s in SUFFIXES}
+    assert {p.name for p in out.iterdir()} == expected  # names keep inner dots; notes.txt ignored; no temp files
+    assert (out / "sub-01_run.2.npy").is_file() and not (out / "sub-01_run.npy").exists()
+
+
+@pytest.mark.parametrize("name", ["h1", "sub-01_run.2", "solo"])
+def test_good_batch_geometry(good, name):
+    from E3PoseLogic import frames
+
+    path, affine, mask_path = good["vols"][name]
+    rec, npy, mask_img = check_complete_set(good["out"], name)
+    assert rec["input"] == str(path)
+    assert rec["mask_source"] == str(mask_path)
+    assert rec["model"]["trained"] is True  # native files with no random_weights flag
+    np.testing.assert_allclose(rec["ijk_to_ras"], affine, atol=1e-5)
+
+    # translation = the given mask's world centre of mass (computed on the 6 mm U-Net grid: half a voxel)
+    t = np.array(rec["translation_ras"])
+    assert np.linalg.norm(t - world_com(mask_path)) < 0.5 * UNET_SPACING
+
+    # matrix forms agree with each other
+    r = np.array(rec["rotation_ras"])
+    np.testing.assert_allclose(r.T @ r, np.eye(3), atol=1e-6)
+    assert np.linalg.det(r) == pytest.approx(1.0, abs=1e-6)
+    c2w = np.array(rec["canonical_to_world_ras"])
+    np.testing.assert_allclose(c2w[:3, :3], r, atol=1e-9)
+    np.testing.assert_allclose(c2w[:3, 3], t, atol=1e-9)
+    np.testing.assert_allclose(np.array(rec["world_to_canonical_ras"]) @ c2w, np.eye(4), atol=1e-6)
+    d = frames.direction_cosines(affine)
+    rv = np.array(rec["rotation_voxel"])
+    np.testing.assert_allclose(d @ rv @ np.diag([np.sign(np.linalg.det(d)), 1, 1]), r, atol=1e-5)
+    c2v = np.array(rec["canonical_to_voxel"])
+    np.testing.assert_allclose(c2v[:3, :3], rv, atol=1e-9)
+    np.testing.assert_allclose(c2v[:3, 3], (np.linalg.inv(affine) @ np.append(t, 1.0))[:3], atol=1e-4)
+
+    # default .npy = canonical -> input voxel indices
+    np.testing.assert_allclose(npy, c2v, atol=1e-9)
+    assert rec["npy"]["file"] == f"{name}.npy" and "voxel" in rec["npy"]["maps"]
+
+    # the mask output lies on the input grid; with a given mask on that grid it is that mask
+    assert mask_img.shape == nib.load(str(path)).shape
+    np.testing.assert_allclose(mask_img.affine, affine, atol=1e-4)
+    if name != "solo":
+        np.testing.assert_array_equal(np.asarray(mask_img.dataobj), np.asarray(nib.load(str(mask_path)).dataobj))
+
+
+@pytest.mark.parametrize("flags", [["--scanner-space"], ["--input-to-canonical"]])
+def test_npy_forms(good, models, tmp_path, flags):
+    path = good["vols"]["h1"][0]
+    rc, err = infer([path, "-o", tmp_path, "--mask-dir", good["masks"], "-q", *flags], models)
+    assert rc == 0, err
+    npy = np.load(tmp_path / "h1.npy")
+    rec = json.loads((tmp_path / "h1.json").read_text())
+    ref = json.loads((good["out"] / "h1.json").read_text())  # same input, same networks: same pose
+    np.testing.assert_allclose(rec["canonical_to_world_ras"], ref["canonical_to_world_ras"], atol=1e-6)
+    if flags == ["--scanner-space"]:
+        np.testing.assert_allclose(npy, rec["canonical_to_world_ras"], atol=1e-9)
+        assert rec["npy"]["maps"] == "canonical -> world RAS mm"
+    else:
+        np.testing.assert_allclose(npy @ np.array(rec["canonical_to_voxel"]), np.eye(4), atol=1e-9)
+        np.testing.assert_allclose(npy, np.linalg.inv(np.load(good["out"] / "h1.npy")), atol=1e-9)
+        assert rec["npy"]["maps"] == "input voxel indices -> canonical"
+
+
+# ------------------------------------------------------------------------------------------------- 2. bad inputs
+def test_bad_inputs_reported_by_name_batch_goes_on(good, models, tmp_path):
+    """Every kind of bad input in one batch, through the real ``python -m E3PoseLogic infer``."""
+    src, affine, mask_src = good["vols"]["h1"]
+    shape = (56, 56, 56)
+    vol, brain = head(shape, affine, seed=1)
+    inp, masks, out = tmp_path / "in", tmp_path / "masks", tmp_path / "out"
+    expect = {}  # file name -> reason pattern on stderr
+
+    def case(name, reason, image=None, mask=brain, aff=affine, raw=None):
+        p = inp / name
+        if raw is not None:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(raw)
+        else:
+            save(p, vol if image is None else image, aff)
+        if mask is not None:
+            save(masks / name, mask, aff)
+        if reason:
+            expect[name] = reason
+
+    case("ok.nii.gz", None)
+    rng = np.random.default_rng(7)
+    case("random_bytes.nii.gz", r"not a readable NIfTI", raw=rng.bytes(5000))
+    whole = src.read_bytes()
+    case("truncated.nii.gz", r"truncated or corrupt|not a readable NIfTI", raw=whole[: len(whole) // 2])
+    case("series.nii.gz", r"4D series of 3 volumes", image=np.stack([vol[::2, ::2, ::2]] * 3, -1),
+         mask=None)
+    nan = vol.copy()
+    nan[10:12, 20, 30] = np.nan
+    case("nan.nii.gz", r"2 of \d+ voxels are not finite", image=nan)
+    case("constant.nii.gz", r"image is empty", image=np.full(shape, 7.0, np.float32))
+    sheared = affine.copy()
+    sheared[0, 1] = 0.6
+    case("sheared.nii.gz", r"not orthogonal \(sheared affine", aff=sheared)
+    case("empty_mask.nii.gz", r"mask is empty", mask=np.zeros(shape, np.uint8))
+    # a brain cut by the edge of the field of view: the ellipsoid is centred on the volume's first i-face
+    edge_centre = affine[:3, :3] @ np.array([0.0, 27.5, 27.5]) + affine[:3, 3]
+    case("border.nii.gz", r"touches the border", mask=ellipsoid(shape, affine, edge_centre, (30.0, 30.0, 30.0)))
+    case("no_mask.nii.gz", r"no mask named no_mask\.nii\.gz", mask=None)
+    missing = tmp_path / "does_not_exist.nii.gz"
+    expect[missing.name] = r"no such file or folder"
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "E3PoseLogic", "infer", str(inp), str(missing), "-o", str(out),
+         "--mask-dir", str(masks), "--unet", str(models["unet"]), "--e3cnn", str(models["e3cnn"]),
+         "--device", "cpu"],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    err = proc.stderr
+    assert "Traceback" not in err, err
+    assert proc.returncode == len(expect) == 10, err
+    assert "1 done, 10 failed" in err, err
+    lines = err.splitlines()
+    for name, reason in expect.items():
+        hits = [ln for ln in lines if name in ln and re.search(reason, ln)]
+        assert hits, f"{name}: no stderr line naming it with /{reason}/:\n{err}"
+    # the good one in the middle of the batch was done; nothing at all for the bad ones
+    check_complete_set(out, "ok")
+    assert {p.name for p in out.iterdir()} == {f"ok{s}" for s in SUFFIXES}
+    print(f"subprocess batch: {time.perf_counter() - t0:.1f} s")
+
+
+def test_unet_route_finds_no_brain_cleanly(good, models, tmp_path):
+    """The tiny random U-Net finds no brain: a clean per-file failure, not a traceback."""
+    path = good["vols"]["h1"][0]
+    rc, err = infer([path, "-o", tmp_path / "out", "-q"], models)
+    assert rc == 1, err
+    assert "Traceback" not in err
+    assert re.search(r"h1\.nii\.gz: the brain mask (is empty|is too small|touches)", err), err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------- 3. nothing lost
+def test_failed_rerun_keeps_previous_outputs(good, models, tmp_path):
+    """Outputs of an earlier run survive a re-run in which the same inputs are now broken."""
+    out = tmp_path / "out"
+    shutil.copytree(good["out"], out)  # the earlier successful run's OUTDIR
+    before = snapshot(out)
+    broken = tmp_path / "inputs"
+    broken.mkdir()
+    whole = good["vols"]["h1"][0].read_bytes()
+    (broken / "h1.nii.gz").write_bytes(whole[: len(whole) // 3])  # the input now truncated
+    shutil.copy(good["vols"]["sub-01_run.2"][0], broken / "sub-01_run.2.nii.gz")
+    masks = tmp_path / "masks"  # its mask now cut by the edge: fails inside the pipeline, after loading
+    a2 = good["vols"]["sub-01_run.2"][1]
+    corner = a2[:3, :3] @ np.zeros(3) + a2[:3, 3]
+    save(masks / "sub-01_run.2.nii.gz", ellipsoid((60, 60, 44), a2, corner, (40.0, 40.0, 40.0)), a2)
+    save(masks / "h1.nii.gz", nib.load(str(good["vols"]["h1"][2])).get_fdata().astype(np.uint8),
+         good["vols"]["h1"][1])
+    rc, err = infer([broken, "-o", out, "--mask-dir", masks, "-q"], models)
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert snapshot(out) == before  # byte-identical, nothing added (no temporary files)
+    assert tmp_files(out) == []
+
+
+def test_json_is_not_left_describing_a_replaced_set(good, models, tmp_path, monkeypatch):
+    """Ctrl-C just before the JSON is written, in a re-run with another .npy form: no JSON may be left that
+    describes files it does not match (its presence says the set is complete)."""
+    import E3PoseLogic.outputs as outputs
+
+    out = tmp_path / "out"
+    shutil.copytree(good["out"], out)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "save_json", interrupted)
+    rc, err = infer([good["vols"]["h1"][0], "-o", out, "--mask-dir", good["masks"], "-q", "--scanner-space"],
+                    models)
+    assert rc == 130 and "interrupted" in err, err
+    assert tmp_files(out) == []
+    for js in out.glob("*.json"):
+        rec = json.loads(js.read_text())
+        name = js.name[: -len(".json")]
+        want = rec["canonical_to_voxel"] if "voxel" in rec["npy"]["maps"] else rec["canonical_to_world_ras"]
+        np.testing.assert_allclose(np.load(out / f"{name}.npy"), want, atol=1e-9,
+                                   err_msg=f"{js.name} does not describe {name}.npy")
+    check_complete_set(out, "solo")  # untouched sets stay complete
+
+
+def test_sigint_leaves_no_partial_outputs(good, models, tmp_path):
+    """Ctrl-C (SIGINT) in the middle of a batch: no temporary or truncated files; every JSON has its full set."""
+    src, _, mask = good["vols"]["h1"]
+    inp, masks, out = tmp_path / "in", tmp_path / "masks", tmp_path / "out"
+    inp.mkdir()
+    masks.mkdir()
+    n = 30
+    for i in range(n):
+        os.link(src, inp / f"v{i:02d}.nii.gz")
+        os.link(mask, masks / f"v{i:02d}.nii.gz")
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "E3PoseLogic", "infer", str(inp), "-o", str(out), "--mask-dir", str(masks),
+             "--unet", str(models["unet"]), "--e3cnn", str(models["e3cnn"]), "--device", "cpu"],
+            cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=fh)
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and proc.poll() is None:
+                if out.is_dir() and any(out.glob("*.json")):
+                    break
+                time.sleep(0.01)
+            assert proc.poll() is None, "the batch ended before it could be interrupted:\n" + log.read_text()
+            assert any(out.glob("*.json")), "no output appeared in time:\n" + log.read_text()
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = log.read_text()
+    assert rc == 130, err
+    assert "interrupted" in err and "Traceback" not in err, err
+    assert tmp_files(out) == []
+    done = sorted(p.name[: -len(".json")] for p in out.glob("*.json"))
+    assert 1 <= len(done) < n
+    for name in done:
+        check_complete_set(out, name)
+    # files of the volume being written when interrupted (no JSON yet) are whole files, never truncated ones
+    for p in out.iterdir():
+        if p.suffix == ".npy":
+            assert np.load(p).shape == (4, 4)
+        elif p.name.endswith(".nii.gz"):
+            nib.load(str(p)).get_fdata()
+        elif p.suffix == ".tfm":
+            from E3PoseLogic import frames
+
+            frames.read_itk_transform(p)
+
+
+# ------------------------------------------------------------------------------------------------- 4. checkpoints
+@pytest.mark.parametrize("which", ["unet_as_e3cnn", "missing"])
+def test_checkpoint_errors_name_the_file(good, models, tmp_path, which):
+    from E3PoseLogic.cli import main
+
+    bad = models["unet"] if which == "unet_as_e3cnn" else tmp_path / "nope" / "e3cnn.pt"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["infer", str(good["vols"]["h1"][0]), "-o", str(tmp_path / "out"), "--mask-dir",
+                   str(good["masks"]), "--unet", str(models["unet"]), "--e3cnn", str(bad), "--device", "cpu", "-q"])
+    err = err.getvalue()
+    assert rc != 0
+    assert "Traceback" not in err
+    reason = "not an E3-CNN checkpoint" if which == "unet_as_e3cnn" else "file not found"
+    assert re.search(re.escape(str(bad)) + r": .*" + reason, err), err
+    assert not (tmp_path / "out").exists()
