@@ -70,6 +70,9 @@ def write_outputs(outdir, name, result, input_path=None, scanner_space=False, in
         "mask": outdir / f"{name}_mask.nii.gz",
         "tfm": outdir / f"{name}.tfm",
     }
+    # an earlier run's JSON would vouch for a set that is about to be replaced file by file: remove it first, so an
+    # interruption below leaves no JSON (= incomplete set) rather than an old JSON beside new files
+    paths["json"].unlink(missing_ok=True)
     save_volume(paths["mask"], label_map(result), result.ijk_to_ras, dtype=np.uint8)
     frames.write_itk_transform(paths["tfm"], result.canonical_to_world)
     save_npy(paths["npy"], published_matrix(result, scanner_space, input_to_canonical))

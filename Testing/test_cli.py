@@ -142,7 +142,7 @@ def models(tmp_path_factory):
     from E3PoseLogic.networks.unet import UNet
 
     d = tmp_path_factory.mktemp("models")
-    e3 = small_e3cnn(seed=0, crop_size=16, n_downsample=1, lmax=1)
+    e3 = small_e3cnn(seed=0, crop_size=16, n_downsample=0, lmax=1)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         unet = UNet(UNetConfig(n_feat=4, n_levels=2, input_size=32, spacing_mm=UNET_SPACING)).eval()
@@ -231,22 +231,17 @@ def test_good_batch_geometry(good, name):
         np.testing.assert_array_equal(np.asarray(mask_img.dataobj), np.asarray(nib.load(str(mask_path)).dataobj))
 
 
-@pytest.mark.parametrize("flags", [["--scanner-space"], ["--input-to-canonical"]])
-def test_npy_forms(good, models, tmp_path, flags):
-    path = good["vols"]["h1"][0]
-    rc, err = infer([path, "-o", tmp_path, "--mask-dir", good["masks"], "-q", *flags], models)
+def test_scanner_space_npy(good, models, tmp_path):
+    """--scanner-space: NAME.npy = canonical mm -> world RAS mm (--input-to-canonical: see the bad-input batch)."""
+    rc, err = infer([good["vols"]["h1"][0], "-o", tmp_path, "--mask-dir", good["masks"], "-q", "--scanner-space"],
+                    models)
     assert rc == 0, err
     npy = np.load(tmp_path / "h1.npy")
     rec = json.loads((tmp_path / "h1.json").read_text())
     ref = json.loads((good["out"] / "h1.json").read_text())  # same input, same networks: same pose
     np.testing.assert_allclose(rec["canonical_to_world_ras"], ref["canonical_to_world_ras"], atol=1e-6)
-    if flags == ["--scanner-space"]:
-        np.testing.assert_allclose(npy, rec["canonical_to_world_ras"], atol=1e-9)
-        assert rec["npy"]["maps"] == "canonical -> world RAS mm"
-    else:
-        np.testing.assert_allclose(npy @ np.array(rec["canonical_to_voxel"]), np.eye(4), atol=1e-9)
-        np.testing.assert_allclose(npy, np.linalg.inv(np.load(good["out"] / "h1.npy")), atol=1e-9)
-        assert rec["npy"]["maps"] == "input voxel indices -> canonical"
+    np.testing.assert_allclose(npy, rec["canonical_to_world_ras"], atol=1e-9)
+    assert rec["npy"]["maps"] == "canonical -> world RAS mm"
 
 
 # ------------------------------------------------------------------------------------------------- 2. bad inputs
@@ -296,7 +291,7 @@ def test_bad_inputs_reported_by_name_batch_goes_on(good, models, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "E3PoseLogic", "infer", str(inp), str(missing), "-o", str(out),
          "--mask-dir", str(masks), "--unet", str(models["unet"]), "--e3cnn", str(models["e3cnn"]),
-         "--device", "cpu"],
+         "--device", "cpu", "--input-to-canonical"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     err = proc.stderr
     assert "Traceback" not in err, err
@@ -307,7 +302,11 @@ def test_bad_inputs_reported_by_name_batch_goes_on(good, models, tmp_path):
         hits = [ln for ln in lines if name in ln and re.search(reason, ln)]
         assert hits, f"{name}: no stderr line naming it with /{reason}/:\n{err}"
     # the good one in the middle of the batch was done; nothing at all for the bad ones
-    check_complete_set(out, "ok")
+    rec, npy, _ = check_complete_set(out, "ok")
+    # --input-to-canonical: NAME.npy = input voxel indices -> canonical, the inverse of the default
+    np.testing.assert_allclose(npy @ np.array(rec["canonical_to_voxel"]), np.eye(4), atol=1e-9)
+    np.testing.assert_allclose(npy, np.linalg.inv(np.load(good["out"] / "h1.npy")), atol=1e-9)
+    assert rec["npy"]["maps"] == "input voxel indices -> canonical"
     assert {p.name for p in out.iterdir()} == {f"ok{s}" for s in SUFFIXES}
     print(f"subprocess batch: {time.perf_counter() - t0:.1f} s")
 

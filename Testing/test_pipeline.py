@@ -76,8 +76,10 @@ def test_rotating_the_voxels_rotates_the_world_pose(pipeline):
 
 
 def test_translation_is_the_brain_centre_of_mass(pipeline):
-    for grid, spacing in [(GRID, SPACING), (np.eye(3), (2.0, 2.0, 2.0)), (rotation("y", 40), (1.2, 1.6, 3.5))]:
-        head = make_synthetic_head((64, 64, 40), spacing, grid_rotation=grid)
+    cases = [(GRID, SPACING, SHAPE), (np.eye(3), (2.0, 2.0, 2.0), (64, 64, 56)),
+             (rotation("y", 40), (1.2, 1.6, 3.5), (96, 72, 36))]  # oblique, isotropic, anisotropic + oblique
+    for grid, spacing, shape in cases:
+        head = make_synthetic_head(shape, spacing, grid_rotation=grid)
         res = estimate(pipeline, head)
         com_world = frames.apply(head["affine"], np.argwhere(head["brain"]).mean(0))
         # the centre of mass is taken on the 3 mm U-Net grid (as published): within a fraction of a 3 mm voxel
