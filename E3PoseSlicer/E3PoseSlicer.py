@@ -141,6 +141,10 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             self.installer = DependencyInstaller(SlicerEnvironment())
 
+        from E3PoseLogic.models import default_model
+
+        self.ui.bundledModelInfoLabel.text = _("bundled: ") + default_model().label
+
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self.onPollWorker)
