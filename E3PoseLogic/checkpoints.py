@@ -60,46 +60,42 @@ def detect_format(obj):
 
 def load_unet(path, allow_pickle=False):
     """-> (UNet in eval mode, info dict)."""
-    from .networks.config import UNetConfig
-    from .networks.unet import UNet
-
-    obj = _torch_load(path, allow_pickle)
-    fmt = detect_format(obj)
-    if fmt == "published-unet":
-        state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
-        cfg = _infer_unet_config(state)
-        info = {"format": "published-lightning", "trained_on": "unknown (published checkpoint)"}
-    elif fmt == "native" and obj.get("kind") == "unet":
-        cfg = UNetConfig.from_dict(obj["config"])
-        state = obj["state_dict"]
-        info = {"format": "native", **obj.get("provenance", {})}
-    else:
-        raise CheckpointError(path, f"not a U-Net checkpoint (found: {_describe(obj, fmt)})")
-    model = UNet(cfg)
-    _load_strict(model, state, path)
-    info.update(path=str(path), sha256=sha256(path), config=cfg.to_dict())
-    return model.eval(), info
+    return _load_network(path, "unet", allow_pickle)
 
 
 def load_e3cnn(path, allow_pickle=False):
     """-> (E3CNN in eval mode, info dict)."""
-    from .networks.config import E3CNNConfig
-    from .networks.e3cnn import E3CNN
+    return _load_network(path, "e3cnn", allow_pickle)
 
+
+def _load_network(path, kind, allow_pickle):
+    from .networks.config import E3CNNConfig, UNetConfig
+    from .networks.e3cnn import E3CNN
+    from .networks.unet import UNet
+
+    published = {"unet": "published-unet", "e3cnn": "published-e3cnn"}[kind]
     obj = _torch_load(path, allow_pickle)
     fmt = detect_format(obj)
-    if fmt == "published-e3cnn":
+    if fmt == published and kind == "unet":
+        state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+        cfg, info = _infer_unet_config(state), {"format": "published-lightning"}
+    elif fmt == published:
         state = obj["net_state_dict"]
-        cfg = _infer_e3cnn_config(state)
-        info = {"format": "published-pth", "trained_on": "unknown (published checkpoint)"}
-    elif fmt == "native" and obj.get("kind") == "e3cnn":
-        cfg = E3CNNConfig.from_dict(obj["config"])
+        cfg, info = _infer_e3cnn_config(state), {"format": "published-pth"}
+    elif fmt == "native" and obj.get("kind") == kind:
         state = obj["state_dict"]
+        cfg = (UNetConfig if kind == "unet" else E3CNNConfig).from_dict(obj["config"])
         info = {"format": "native", **obj.get("provenance", {})}
     else:
-        raise CheckpointError(path, f"not an E3-CNN checkpoint (found: {_describe(obj, fmt)})")
-    model = E3CNN(cfg)
-    _load_parameters_check_buffers(model, state, path)
+        what = "a U-Net" if kind == "unet" else "an E3-CNN"
+        raise CheckpointError(path, f"not {what} checkpoint (found: {_describe(obj, fmt)})")
+    info.setdefault("trained_on", "unknown (published checkpoint)")
+    if kind == "unet":
+        model = UNet(cfg)
+        _load_strict(model, state, path)
+    else:
+        model = E3CNN(cfg)
+        _load_parameters_check_buffers(model, state, path)
     info.update(path=str(path), sha256=sha256(path), config=cfg.to_dict())
     return model.eval(), info
 

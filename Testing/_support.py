@@ -8,6 +8,17 @@ import numpy as np
 import pytest
 
 
+def rotation(axis, degrees):
+    """Right-handed rotation matrix about a coordinate axis ("x", "y" or "z")."""
+    t = np.deg2rad(degrees)
+    c, s = np.cos(t), np.sin(t)
+    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
+    r = np.eye(3)
+    r[i, i] = r[j, j] = c
+    r[i, j], r[j, i] = -s, s
+    return r
+
+
 def fixtures_dir() -> Path:
     """The published-code fixtures: $E3POSE_FIXTURES, else ../shared/fixtures/upstream beside the checkout."""
     env = os.environ.get("E3POSE_FIXTURES")

@@ -7,15 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-
-def rotation(axis, degrees):
-    t = np.deg2rad(degrees)
-    c, s = np.cos(t), np.sin(t)
-    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
+from _support import rotation  # noqa: F401  (re-exported for the test modules)
 
 
 # canonical landmarks (mm): x = left-right (to the left), y = posterior -> anterior, z = superior -> inferior

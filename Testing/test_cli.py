@@ -294,13 +294,15 @@ def test_bad_inputs_reported_by_name_batch_goes_on(good, models, tmp_path):
          "--device", "cpu", "--input-to-canonical"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     err = proc.stderr
+    print(err)  # shown when the test fails
     assert "Traceback" not in err, err
     assert proc.returncode == len(expect) == 10, err
     assert "1 done, 10 failed" in err, err
     lines = err.splitlines()
     for name, reason in expect.items():
-        hits = [ln for ln in lines if name in ln and re.search(reason, ln)]
-        assert hits, f"{name}: no stderr line naming it with /{reason}/:\n{err}"
+        path = str(missing if name == missing.name else inp / name)  # the input's own path, not only its mask's
+        hits = [ln for ln in lines if path in ln and re.search(reason, ln)]
+        assert hits, f"{name}: no stderr line naming {path} with /{reason}/:\n{err}"
     # the good one in the middle of the batch was done; nothing at all for the bad ones
     rec, npy, _ = check_complete_set(out, "ok")
     # --input-to-canonical: NAME.npy = input voxel indices -> canonical, the inverse of the default

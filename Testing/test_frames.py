@@ -4,20 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _support import rotation as rot
 from E3PoseLogic import frames
 from E3PoseLogic.errors import InputError
 
 F = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def rot(axis, deg):
-    t = np.deg2rad(deg)
-    c, s = np.cos(t), np.sin(t)
-    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
 
 
 def affine(d=None, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from _support import fixtures_dir
+from _support import rotation as rot
 from E3PoseLogic import frames
 from E3PoseLogic.preprocess import (
     crop_or_pad,
@@ -20,16 +21,6 @@ from E3PoseLogic.preprocess import (
     resampled_grid,
     unet_input,
 )
-
-
-def rot(axis, deg):
-    t = np.deg2rad(deg)
-    c, s = np.cos(t), np.sin(t)
-    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
 
 
 # ---------------------------------------------------------------------------------------------- upstream fixtures

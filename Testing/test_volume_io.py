@@ -8,19 +8,10 @@ import struct
 import numpy as np
 import pytest
 
+from _support import rotation as rot
 from E3PoseLogic import atomic, volume_io
 from E3PoseLogic.errors import InputError
 from E3PoseLogic.volume_io import iter_inputs, load_mask, load_volume, save_volume, volume_name
-
-
-def rot(axis, deg):
-    t = np.deg2rad(deg)
-    c, s = np.cos(t), np.sin(t)
-    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
-    r = np.eye(3)
-    r[i, i] = r[j, j] = c
-    r[i, j], r[j, i] = -s, s
-    return r
 
 
 AFF = np.eye(4)

@@ -4,17 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 
-@dataclass
-class UNetConfig:
-    in_channels: int = 1
-    out_channels: int = 3  # background, brain, eyes
-    n_levels: int = 4
-    n_feat: int = 16
-    feat_mult: int = 2
-    n_conv: int = 2
-    kernel_size: int = 3
-    input_size: int = 128  # U-Net grid side (voxels) ...
-    spacing_mm: float = 3.0  # ... at this isotropic spacing
+class _Serialisable:
+    """Round trip through plain dicts (stored in native checkpoints); unknown keys from newer files are ignored."""
 
     def to_dict(self):
         return asdict(self)
@@ -26,7 +17,20 @@ class UNetConfig:
 
 
 @dataclass
-class E3CNNConfig:
+class UNetConfig(_Serialisable):
+    in_channels: int = 1
+    out_channels: int = 3  # background, brain, eyes
+    n_levels: int = 4
+    n_feat: int = 16
+    feat_mult: int = 2
+    n_conv: int = 2
+    kernel_size: int = 3
+    input_size: int = 128  # U-Net grid side (voxels) ...
+    spacing_mm: float = 3.0  # ... at this isotropic spacing
+
+
+@dataclass
+class E3CNNConfig(_Serialisable):
     n_downsample: int = 4  # levels = n_downsample + 1
     mult: int = 2  # irreps multiplicity at level 0 (doubles per level)
     lmax: int = 4  # spherical-harmonics order of the filter basis
@@ -40,11 +44,3 @@ class E3CNNConfig:
     # Published pooling max-pools scalar channels by value, which is not mirror-equivariant for 0o scalars.
     # True pools them by absolute value (keeping the sign): exactly O(3)-equivariant. Only for new models.
     parity_exact_pool: bool = False
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
