@@ -305,3 +305,18 @@ def test_published_matrix_modes(infer_outputs):
         assert geodesic_deg(ours[:3, :3], ref[key][:3, :3]) <= 0.05, key
         # the reference rotation is float32: its inverse moves a 100 mm translation by up to ~1e-3 mm
         np.testing.assert_allclose(ours[:3, 3], ref[key][:3, 3], atol=5e-3, err_msg=key)
+
+
+def test_convert_command_gives_the_same_network(tmp_path, e3cnn):
+    from E3PoseLogic.checkpoints import load_e3cnn
+    from E3PoseLogic.cli import main
+
+    base = require_fixtures("e3cnn_random.pth")
+    assert main(["convert", "e3cnn", str(base / "e3cnn_random.pth"), str(tmp_path / "e3.pt")]) == 0
+    converted, info = load_e3cnn(tmp_path / "e3.pt")
+    assert info["format"] == "native" and info["source_format"] == "published-pth"
+    assert (tmp_path / "e3.pt").stat().st_size < 0.95 * (base / "e3cnn_random.pth").stat().st_size  # no derived buffers
+    for k, v in e3cnn.state_dict().items():
+        assert torch.equal(converted.state_dict()[k], v), k
+    assert main(["convert", "unet", str(base / "e3cnn_random.pth"), str(tmp_path / "u.pt")]) == 1
+    assert not (tmp_path / "u.pt").exists()
