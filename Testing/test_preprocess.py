@@ -165,6 +165,9 @@ def test_resample_to_grid_identity_and_shift():
 def test_logic_modules_import_light():
     code = (
         "import sys; import E3PoseLogic.frames, E3PoseLogic.atomic, E3PoseLogic.volume_io, E3PoseLogic.preprocess; "
+        "import E3PoseLogic.pipeline, E3PoseLogic.checkpoints, E3PoseLogic.models, E3PoseLogic.outputs; "
+        "import E3PoseLogic.mrml, E3PoseLogic.qc, E3PoseLogic.synth, E3PoseLogic.evaluate; "
+        "from E3PoseLogic.cli import build_parser; build_parser(); "
         "bad = [m for m in ('torch', 'e3nn', 'vtk', 'slicer', 'SimpleITK') if m in sys.modules]; "
         "assert not bad, bad"
     )
