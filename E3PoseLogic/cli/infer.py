@@ -93,6 +93,9 @@ def run(args):
         except E3PoseError as exc:
             failures.append((path, str(exc)))
             tqdm.write(f"FAILED {exc}", file=sys.stderr)
+        except OSError as exc:  # disk full, no permission: report, keep going (earlier outputs are intact)
+            failures.append((path, f"cannot write the outputs: {exc}"))
+            tqdm.write(f"FAILED {path}: cannot write the outputs: {exc}", file=sys.stderr)
         except MemoryError:
             failures.append((path, "out of memory"))
             tqdm.write(f"FAILED {path}: out of memory", file=sys.stderr)

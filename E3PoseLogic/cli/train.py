@@ -21,6 +21,8 @@ def _common(p, unet_defaults):
     g.add_argument("--rotation-deg", type=float, default=180.0,
                    help="rotation augmentation: Euler angles U(+-DEG) per axis; 180 (default) = uniform over SO(3); "
                         "0 = none")
+    g.add_argument("--no-augment", action="store_true",
+                   help="no augmentation at all (rotation and intensity): for debugging and overfitting checks")
     g.add_argument("--seed", type=int, default=0, help="random seed (weights, draws, augmentation)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--amp", action="store_true", help="mixed precision on GPU (bf16 autocast, fp16 if no bf16)")

@@ -195,15 +195,16 @@ UNET_AUG = {"preset": "unet", "lowres_p": 0.75}
 E3CNN_AUG = {"preset": "e3cnn"}
 
 
-def augment_unet(x, y, rng, rotation_deg: float, spacing: float):
+def augment_unet(x, y, rng, rotation_deg: float, spacing: float, intensity: bool = True):
     """Rotation of the U-Net input and its labels about the grid centre, then the intensity chain."""
     if rotation_deg > 0:
         x, y, _ = augment.random_rotation(x, y, rng, rotation_limit(rotation_deg), spacing=spacing)
-    x = augment.augment_intensity(x, rng, UNET_AUG, mask=(y == 1), spacing=spacing)
+    if intensity:
+        x = augment.augment_intensity(x, rng, UNET_AUG, mask=(y == 1), spacing=spacing)
     return x, y
 
 
-def augment_crop(case: CropCase, rng, rotation_deg: float):
+def augment_crop(case: CropCase, rng, rotation_deg: float, intensity: bool = True):
     """Rotation A of the crop about its centre (array-axis frame), then the intensity chain.
 
     Returns (x, R_target) with R_target = R_vc A^T: the canonical axes moved with the content.
@@ -212,7 +213,8 @@ def augment_crop(case: CropCase, rng, rotation_deg: float):
     if rotation_deg > 0:
         x, m, A = augment.random_rotation(x, m, rng, rotation_limit(rotation_deg), spacing=1.0)
         target = case.r_vc @ A.T
-    x = augment.augment_intensity(x, rng, E3CNN_AUG, mask=m, spacing=case.spacing_mm)
+    if intensity:
+        x = augment.augment_intensity(x, rng, E3CNN_AUG, mask=m, spacing=case.spacing_mm)
     return x, target
 
 

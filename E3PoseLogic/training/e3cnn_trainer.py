@@ -32,10 +32,11 @@ class E3CNNTask:
         self.train_cache, self.val_cache, self.trained_on = train_cache, val_cache, trained_on
 
     def train_dataset(self, n_items, rank, world):
-        rot = self.args.rotation_deg
+        aug = not self.args.no_augment
+        rot = self.args.rotation_deg if aug else 0.0
 
         def make(case, rng):
-            return data.augment_crop(case, rng, rot)
+            return data.augment_crop(case, rng, rot, intensity=aug)
 
         return data.DrawDataset(self.train_cache, n_items, make, self.args.seed, rank, world)
 
@@ -90,7 +91,7 @@ class E3CNNTask:
                                epochs_done, elapsed_s, device, best_epoch, best_row, extra={
                                    "loss": "geodesic (pooled)" if args.loss == "geodesic" else
                                    "0.5 |p x e_x| + |a - e_y| + |b - e_z| per voxel (unpooled)",
-                                   "augmentation": dict(data.E3CNN_AUG),
+                                   "augmentation": "none" if args.no_augment else dict(data.E3CNN_AUG),
                                    "annotations": str(args.annotations),
                                    "unet_grid": {"size": args.unet_size, "spacing_mm": args.unet_spacing},
                                })

@@ -30,10 +30,11 @@ class UNetTask:
         self.train_cache, self.val_cache, self.trained_on = train_cache, val_cache, trained_on
 
     def train_dataset(self, n_items, rank, world):
-        rot, spacing = self.args.rotation_deg, self.cfg.spacing_mm
+        aug = not self.args.no_augment
+        rot, spacing = (self.args.rotation_deg if aug else 0.0), self.cfg.spacing_mm
 
         def make(item, rng):
-            return data.augment_unet(item[0], item[1], rng, rot, spacing)
+            return data.augment_unet(item[0], item[1], rng, rot, spacing, intensity=aug)
 
         return data.DrawDataset(self.train_cache, n_items, make, self.args.seed, rank, world)
 
@@ -68,7 +69,7 @@ class UNetTask:
         return base_provenance(args, self.kind, self.trained_on, len(self.train_cache), len(self.val_cache),
                                epochs_done, elapsed_s, device, best_epoch, best_row,
                                extra={"loss": "class-weighted cross-entropy (1, 8, 2) + 0.5 soft Dice",
-                                      "augmentation": dict(data.UNET_AUG)})
+                                      "augmentation": "none" if args.no_augment else dict(data.UNET_AUG)})
 
 
 def run(args) -> int:
