@@ -20,6 +20,7 @@ def register(sub):
 def run(args):
     import numpy as np
 
+    from ..errors import InputError
     from ..outputs import write_outputs
     from ..rotation import geodesic_deg
     from ..volume_io import load_mask, load_volume
@@ -36,8 +37,17 @@ def run(args):
         print("!!! random-weight model: using the sample's true brain mask instead of the U-Net; the rotation "
               "below is MEANINGLESS.", file=sys.stderr)
     print(f"input:  {volume} (synthetic fetal head, shape {array.shape})")
-    result = pipe.run(array, affine, mask=mask, source=volume,
-                      progress=lambda stage, f: print(f"  [{f:4.0%}] {stage}", file=sys.stderr))
+    progress = lambda stage, f: print(f"  [{f:4.0%}] {stage}", file=sys.stderr)  # noqa: E731
+    try:
+        result = pipe.run(array, affine, mask=mask, source=volume, progress=progress)
+    except InputError as exc:
+        if mask is not None:
+            raise
+        # the model's U-Net failed on the sample: say so, then show the rest of the pipeline on the true mask
+        print(f"!!! the U-Net failed on the sample ({exc.reason}); running the rotation network on the sample's "
+              "true brain mask instead.", file=sys.stderr)
+        mask = load_mask(SAMPLE_DIR / "sample_head_label.nii.gz", affine, array.shape)
+        result = pipe.run(array, affine, mask=mask, source=volume, progress=progress)
     paths = write_outputs(args.output, "sample_head", result, volume)
     rot_err = geodesic_deg(result.rotation, np.array(truth["rotation_ras"]))
     trans_err = float(np.linalg.norm(result.translation - np.array(truth["translation_ras"])))
@@ -45,6 +55,8 @@ def run(args):
     print(f"model:  U-Net {pipe.unet_info.get('trained_on', '?')} | E3-CNN {pipe.e3cnn_info.get('trained_on', '?')}")
     print(f"device: {pipe.device}; time {result.timings['total']:.2f} s "
           + ", ".join(f"{k} {v:.2f}" for k, v in result.timings.items() if k != "total"))
+    print(f"brain mask: {'the sample true mask (U-Net not used)' if mask is not None else 'from the U-Net'}, "
+          f"{result.confidence['brain_volume_ml']:.0f} ml")
     print(f"translation (brain centre, RAS mm): {result.translation}")
     print(f"rotation (columns e_x, e_y, e_z in RAS):\n{result.rotation}")
     print(f"error vs the known pose: rotation {rot_err:.1f} deg, translation {trans_err:.1f} mm"
