@@ -29,12 +29,17 @@ class ModelSpec:
         return self.unet is None or self.e3cnn is None
 
     @property
+    def warning(self):
+        return RANDOM_WARNING if self.random_weights else self.card.get("warning")
+
+    @property
     def label(self):
         """How the model is offered to users: always says synthetic / random where that is the truth."""
         if self.random_weights:
             return f"{self.name} (random weights, NOT trained)"
-        data = self.card.get("training_data", "")
-        return f"{self.name} (trained on {data})" if data else self.name
+        synthetic = "synthetic data" if self.card.get("synthetic") else self.card.get("training_data", "")
+        text = f"{self.name} (trained on {synthetic})" if synthetic else self.name
+        return f"{text}: {self.card['warning']}" if self.card.get("warning") else text
 
 
 def available_models():

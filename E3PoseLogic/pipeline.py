@@ -45,8 +45,11 @@ class Pipeline:
 
     def __init__(self, unet, e3cnn, unet_info=None, e3cnn_info=None, device="auto",
                  thresholds=DEFAULT_THRESHOLDS):
+        import torch
+
         self.device = resolve_device(device)
-        self.unet = unet.to(self.device).eval() if unet is not None else None
+        # channels-last 3D convolutions: about 1.5x faster on CPU (oneDNN), same results to float32 round-off
+        self.unet = unet.to(self.device, memory_format=torch.channels_last_3d).eval() if unet is not None else None
         self.e3cnn = e3cnn.to(self.device).eval()
         self.unet_info = dict(unet_info or {})
         self.e3cnn_info = dict(e3cnn_info or {})
@@ -67,6 +70,8 @@ class Pipeline:
             else:
                 unet, unet_info = load_unet(default.unet)
                 e3cnn, e3cnn_info = load_e3cnn(default.e3cnn)
+                for info in (unet_info, e3cnn_info):
+                    info.update(model=default.label, warning=default.warning)
             if unet_path is not None:
                 unet, unet_info = load_unet(unet_path, allow_pickle)
             if e3cnn_path is not None:
@@ -75,6 +80,11 @@ class Pipeline:
         unet, unet_info = load_unet(unet_path, allow_pickle)
         e3cnn, e3cnn_info = load_e3cnn(e3cnn_path, allow_pickle)
         return cls(unet, e3cnn, unet_info, e3cnn_info, device)
+
+    @property
+    def warnings(self):
+        """What users must be told about the networks (random weights, synthetic-only training, ...)."""
+        return sorted({w for w in (self.unet_info.get("warning"), self.e3cnn_info.get("warning")) if w})
 
     @property
     def is_trained(self):
@@ -88,7 +98,7 @@ class Pipeline:
 
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x_unet, dtype=np.float32))[None, None].to(self.device)
-            logits = self.unet(t)[0].float().cpu().numpy()
+            logits = self.unet(t.contiguous(memory_format=torch.channels_last_3d))[0].float().cpu().numpy()
         return brain_and_eyes(softmax(logits, axis=0), self.thresholds)
 
     def network_axes(self, x_crop):

@@ -93,7 +93,8 @@ def run(args):
 
     def unet_forward(x):
         with torch.inference_mode():
-            return pipe.unet(torch.from_numpy(x)[None, None].to(device))[0].float().cpu().numpy()
+            t = torch.from_numpy(x)[None, None].to(device).contiguous(memory_format=torch.channels_last_3d)
+            return pipe.unet(t)[0].float().cpu().numpy()
 
     def e3_forward(x):
         with torch.inference_mode():

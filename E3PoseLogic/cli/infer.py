@@ -35,11 +35,9 @@ def load_pipeline(args):
     from ..pipeline import Pipeline
 
     pipe = Pipeline.from_files(args.unet, args.e3cnn, device=args.device, allow_pickle=args.allow_pickle)
-    if not pipe.is_trained:
-        from ..models import RANDOM_WARNING
-
+    for warning in pipe.warnings:
         banner = "!" * 100
-        print(f"{banner}\n!!! {RANDOM_WARNING}\n{banner}", file=sys.stderr)
+        print(f"{banner}\n!!! MODEL WARNING: {warning}\n{banner}", file=sys.stderr)
     return pipe
 
 

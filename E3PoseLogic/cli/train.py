@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     _common(p, dict(batch=4, optimizer="adam", lr=1e-4, wd=0.0))
     g = p.add_argument_group("architecture")
     g.add_argument("--n-feat", type=int, default=16, help="features at the first level (default 16)")
+    g.add_argument("--bn-recalibrate", type=int, default=64, metavar="N",
+                   help="before each validation, re-estimate BatchNorm statistics on N un-augmented training cases "
+                        "(default 64; 0 = keep the running statistics of the augmented draws)")
     g.add_argument("--levels", type=int, default=4, help="U-Net levels (default 4)")
     p.set_defaults(func=run_unet)
 

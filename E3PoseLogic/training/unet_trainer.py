@@ -49,8 +49,39 @@ class UNetTask:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         return unet_loss(net(x), y)
 
+    def recalibrate_batchnorm(self, model, device, n_cases=None, batch_size=None):
+        """Re-estimate the BatchNorm running statistics on un-augmented training inputs.
+
+        Training sees augmented inputs (noise, bias, gamma, resolution loss), whose feature statistics differ from
+        clean volumes; with those running statistics the eval-mode network (what inference runs) missed the brain
+        entirely while train mode found it. Cumulative averages over clean inputs fix that; they do not affect
+        training, which uses batch statistics.
+        """
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        n = min(len(self.train_cache), n_cases or self.args.bn_recalibrate)
+        if not bns or n <= 0:
+            return
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average
+        was_training = model.training
+        model.train()
+        bs = batch_size or self.args.batch_size
+        idx = np.linspace(0, len(self.train_cache) - 1, n).round().astype(int)
+        with torch.no_grad():
+            for i in range(0, n, bs):
+                x, _ = self.collate([self.train_cache[k] for k in idx[i:i + bs]])
+                model(x.to(device))
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.train(was_training)
+
     def validate(self, model, device, batch_size=None):
-        """Mean loss over the validation cases (no augmentation) and hard Dice of the argmax labels."""
+        """Mean loss over the validation cases (no augmentation) and hard Dice of the argmax labels, in eval mode
+        after re-estimating the BatchNorm statistics on clean training inputs (see ``recalibrate_batchnorm``)."""
+        self.recalibrate_batchnorm(model, device)
+        model.eval()
         bs = batch_size or self.args.batch_size
         losses, d_brain, d_eyes = [], [], []
         for i in range(0, len(self.val_cache), bs):
