@@ -437,3 +437,23 @@ def test_checkpoint_errors_name_the_file(good, models, tmp_path, which):
     reason = "not an E3-CNN checkpoint" if which == "unet_as_e3cnn" else "file not found"
     assert re.search(re.escape(str(bad)) + r": .*" + reason, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_demo_runs_on_the_bundled_sample(tmp_path, capsys):
+    """`e3pose demo` (the README's main command): the whole pipeline with the bundled model, error vs known pose."""
+    import json
+
+    from E3PoseLogic.cli import main
+    from E3PoseLogic.models import default_model
+
+    assert main(["demo", "-o", str(tmp_path), "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "error vs the known pose: rotation" in out
+    rec = json.loads((tmp_path / "sample_head.json").read_text())
+    for suffix in (".npy", ".tfm", "_mask.nii.gz"):
+        assert (tmp_path / f"sample_head{suffix}").is_file()
+    model = default_model()
+    if model.warning:  # random or synthetic-only model: the user is told, on screen and in the record
+        assert "MODEL WARNING" in err or "random-weight" in err
+        assert rec["model"]["e3cnn"]["warning"] == model.warning
+    assert np.isclose(np.linalg.det(np.array(rec["rotation_ras"])), 1.0)
