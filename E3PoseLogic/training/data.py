@@ -49,23 +49,11 @@ def list_cases(img_dir, lab_dir, max_cases: Optional[int] = None) -> List[Tuple[
 
 
 def read_annotations(path) -> Dict[str, np.ndarray]:
-    """frame_id -> R_vc (3x3, rows = canonical axes e_x, e_y, e_z in the voxel-axis frame)."""
-    import csv
+    """frame_id -> R_vc (3x3, rows = canonical axes e_x, e_y, e_z in the voxel-axis frame); the CSV is read by the
+    same code as ``e3pose evaluate`` reads ground truth, so training and evaluation agree on its convention."""
+    from ..evaluate import read_ground_truth
 
-    from scipy.spatial.transform import Rotation
-
-    out = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = {c.strip() for c in (reader.fieldnames or [])}
-        need = {"frame_id", "rot_x", "rot_y", "rot_z"}
-        if not need <= cols:
-            raise ValueError(f"{path}: missing columns {sorted(need - cols)}")
-        for r in reader:
-            r = {k.strip(): v.strip() for k, v in r.items() if k}
-            ang = [float(r[k]) for k in ("rot_x", "rot_y", "rot_z")]
-            out[r["frame_id"]] = Rotation.from_euler("xyz", ang, degrees=True).as_matrix()
-    return out
+    return {fid: row["rotation_voxel"].T for fid, row in read_ground_truth(path).items()}
 
 
 def detect_synthetic(*folders) -> Optional[str]:
