@@ -57,7 +57,9 @@ def rotate_about_centre(array: np.ndarray, A: np.ndarray, order: int, spacing=1.
     # output index o -> input index S^-1 A^T S (o - c) + c
     m = np.diag(1.0 / s) @ np.asarray(A, dtype=np.float64).T @ np.diag(s)
     offset = c - m @ c
-    out = ndimage.affine_transform(array, m, offset=offset, order=order, mode="constant", cval=cval,
+    # grid-constant: points a round-off outside the array still interpolate the edge (plain "constant" zeroed the
+    # border faces even for exact 90-degree turns)
+    out = ndimage.affine_transform(array, m, offset=offset, order=order, mode="grid-constant", cval=cval,
                                    prefilter=False)
     return out.astype(array.dtype, copy=False)
 
