@@ -374,3 +374,16 @@ def write_run_config(args, model_config, n_train, n_val):
     doc = {"options": opts, "config": model_config, "n_train": n_train, "n_val": n_val, "argv": sys.argv,
            "git_commit": git_commit(), "e3pose_version": __version__}
     (out / "train_config.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def train_and_report(task, args, dist: Dist, n_train, n_val, describe_best):
+    """The shared tail of both trainers: record the run, fit, close, print the best epoch."""
+    if dist.main:
+        write_run_config(args, task.cfg.to_dict(), n_train, n_val)
+    rows = fit(task, args, dist)
+    dist.close()
+    if dist.main and rows:
+        best = min(rows, key=lambda r: r["val_loss"])
+        print(f"done: best epoch {best['epoch']} val loss {best['val_loss']:.4g}, {describe_best(best)}; "
+              f"checkpoints in {args.outdir}")
+    return 0

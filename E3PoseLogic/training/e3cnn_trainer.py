@@ -14,7 +14,7 @@ import torch
 from ..networks.config import E3CNNConfig
 from ..networks.e3cnn import E3CNN
 from . import data
-from .common import Dist, base_provenance, fit, seed_everything
+from .common import Dist, base_provenance, seed_everything
 from .losses import geodesic_loss, rotation_errors_deg, voxel_axes_loss
 
 
@@ -98,7 +98,7 @@ class E3CNNTask:
 
 
 def run(args) -> int:
-    from .common import trained_on_text, write_run_config
+    from .common import train_and_report, trained_on_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,12 +120,5 @@ def run(args) -> int:
         print("error: no usable training case (check the annotation CSV frame_ids)", file=sys.stderr)
         return 2
     task = E3CNNTask(args, train_cache, val_cache, trained_on)
-    if dist.main:
-        write_run_config(args, task.cfg.to_dict(), len(train_cache), len(val_cache))
-    rows = fit(task, args, dist)
-    dist.close()
-    if dist.main and rows:
-        best = min(rows, key=lambda r: r["val_loss"])
-        print(f"done: best epoch {best['epoch']} val loss {best['val_loss']:.4g}, median rotation error "
-              f"{best['val_median_rot_deg']:.1f} deg; checkpoints in {args.outdir}")
-    return 0
+    return train_and_report(task, args, dist, len(train_cache), len(val_cache),
+                            lambda best: f"median rotation error {best['val_median_rot_deg']:.1f} deg")

@@ -13,7 +13,7 @@ import torch
 from ..networks.config import UNetConfig
 from ..networks.unet import UNet
 from . import data
-from .common import Dist, base_provenance, fit, seed_everything
+from .common import Dist, base_provenance, seed_everything
 from .losses import hard_dice, unet_loss
 
 
@@ -104,7 +104,7 @@ class UNetTask:
 
 
 def run(args) -> int:
-    from .common import trained_on_text, write_run_config
+    from .common import train_and_report, trained_on_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,12 +120,5 @@ def run(args) -> int:
     val_cache = data.cache_unet(val_cases, args.unet_spacing, args.unet_size, args.prep_workers, "val data") \
         if dist.main else []
     task = UNetTask(args, train_cache, val_cache, trained_on)
-    if dist.main:
-        write_run_config(args, task.cfg.to_dict(), len(train_cache), len(val_cache))
-    rows = fit(task, args, dist)
-    dist.close()
-    if dist.main and rows:
-        best = min(rows, key=lambda r: r["val_loss"])
-        print(f"done: best epoch {best['epoch']} val loss {best['val_loss']:.4g}, Dice brain "
-              f"{best['val_dice_brain']:.3f}; checkpoints in {args.outdir}")
-    return 0
+    return train_and_report(task, args, dist, len(train_cache), len(val_cache),
+                            lambda best: f"Dice brain {best['val_dice_brain']:.3f}")
