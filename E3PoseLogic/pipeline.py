@@ -181,28 +181,20 @@ class Pipeline:
             crop_info={**box.to_dict(), "unet_ijk_to_ras": unet_affine.tolist(), "com_unet_voxel": com_unet.tolist()},
             network_axes=axes, confidence=confidence, timings=timings,
             provenance={"e3pose_version": __version__, "device": str(self.device), "mask_source": mask_source,
-                        "unet": _public(self.unet_info), "e3cnn": _public(self.e3cnn_info),
+                        "unet": dict(self.unet_info), "e3cnn": dict(self.e3cnn_info),
                         "trained": self.is_trained},
         )
 
 
-def _public(info):
-    return {k: v for k, v in info.items() if k != "config"} | {"config": info.get("config")}
-
-
 def _validate(array, affine, source):
+    """The checks ``volume_io.load_volume`` makes, for arrays that come from elsewhere (Slicer, scripts)."""
     from .errors import InputError
+    from .volume_io import check_values
 
     if array.ndim != 3:
         raise InputError(source, f"expected a 3D volume, got shape {array.shape}")
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise InputError(source, "the IJK-to-RAS matrix must be a finite 4x4 matrix")
     frames.check_grid(affine, source)
-    if not np.all(np.isfinite(array)):
-        raise InputError(source, f"{int(np.size(array) - np.count_nonzero(np.isfinite(array)))} voxels are not "
-                                 "finite (NaN or infinity)")
-    if float(array.min()) == float(array.max()):
-        raise InputError(source, "the image is empty (constant)")
+    check_values(array, source)
 
 
 class _Clock:

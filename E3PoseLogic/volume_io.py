@@ -121,14 +121,19 @@ def load_volume(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
     affine = np.array(img.affine, dtype=np.float64)
     frames.check_grid(affine, path)
     data = _read_data(path, img).reshape(shape)
+    check_values(data, path)
+    return data, affine
+
+
+def check_values(data: np.ndarray, source) -> None:
+    """Refuse voxel values the pipeline cannot use: NaN/infinity, or a constant (empty) image."""
     finite = np.isfinite(data)
     if not finite.all():
         n_bad = int(data.size - np.count_nonzero(finite))
-        raise InputError(path, f"{n_bad} of {data.size} voxels are not finite (NaN or infinity)")
+        raise InputError(source, f"{n_bad} of {data.size} voxels are not finite (NaN or infinity)")
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:
-        raise InputError(path, f"the image is empty: every voxel has the value {lo:g}")
-    return data, affine
+        raise InputError(source, f"the image is empty: every voxel has the value {lo:g}")
 
 
 def _read_data(path: Path, img) -> np.ndarray:

@@ -87,22 +87,26 @@ def canonical_to_voxel(pose_world, ijk_to_ras_) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- transforms
-def save_transform(transform_node, path):
-    """Write a transform node with Slicer's storage node (.h5, .tfm, .txt, .mat), atomically."""
-    slicer = require_slicer()
-    scene = transform_node.GetScene()
+def _write_with_storage_node(node, storage_class, path, what):
+    """Write ``node`` with a temporary Slicer storage node of ``storage_class``, atomically."""
+    scene = node.GetScene()
     with atomic_path(path) as tmp:
-        sn = slicer.vtkMRMLTransformStorageNode()
+        sn = storage_class()
         if scene is not None:
             scene.AddNode(sn)
         try:
             sn.SetFileName(tmp)
-            if not sn.WriteData(transform_node):
-                raise OSError(f"{path}: Slicer could not write the transform")
+            if not sn.WriteData(node):
+                raise OSError(f"{path}: Slicer could not write the {what}")
         finally:
             if scene is not None:
                 scene.RemoveNode(sn)
     return Path(path)
+
+
+def save_transform(transform_node, path):
+    """Write a transform node with Slicer's storage node (.h5, .tfm, .txt, .mat), atomically."""
+    return _write_with_storage_node(transform_node, require_slicer().vtkMRMLTransformStorageNode, path, "transform")
 
 
 def load_transform(scene, path, name=None):
@@ -181,17 +185,9 @@ def save_mask_nifti(path, mask_ijk, ijk_to_ras_):
 
 
 def save_segmentation(segmentation_node, path):
-    slicer = require_slicer()
-    scene = segmentation_node.GetScene()
-    with atomic_path(path) as tmp:
-        sn = slicer.vtkMRMLSegmentationStorageNode()
-        scene.AddNode(sn)
-        try:
-            sn.SetFileName(tmp)
-            if not sn.WriteData(segmentation_node):
-                raise OSError(f"{path}: could not write the segmentation")
-        finally:
-            scene.RemoveNode(sn)
+    """Write a segmentation (.seg.nrrd keeps segment names and colours), atomically."""
+    return _write_with_storage_node(segmentation_node, require_slicer().vtkMRMLSegmentationStorageNode, path,
+                                    "segmentation")
 
 
 # --------------------------------------------------------------------------------------------------- scene

@@ -376,6 +376,19 @@ def write_run_config(args, model_config, n_train, n_val):
     (out / "train_config.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
+def start_run(args):
+    """The shared head of both trainers: threads, process group, seeds, provenance text, case lists."""
+    from . import data
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dist = Dist(args.device)
+    seed_everything(args.seed, dist.rank)
+    train_cases = data.list_cases(args.train_img, args.train_lab, args.max_cases)
+    val_cases = data.list_cases(args.val_img, args.val_lab, args.max_val)
+    return dist, trained_on_text(args), train_cases, val_cases
+
+
 def train_and_report(task, args, dist: Dist, n_train, n_val, describe_best):
     """The shared tail of both trainers: record the run, fit, close, print the best epoch."""
     if dist.main:

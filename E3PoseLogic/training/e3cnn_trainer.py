@@ -14,7 +14,7 @@ import torch
 from ..networks.config import E3CNNConfig
 from ..networks.e3cnn import E3CNN
 from . import data
-from .common import Dist, base_provenance, seed_everything
+from .common import base_provenance
 from .losses import geodesic_loss, rotation_errors_deg, voxel_axes_loss
 
 
@@ -98,16 +98,10 @@ class E3CNNTask:
 
 
 def run(args) -> int:
-    from .common import train_and_report, trained_on_text
+    from .common import start_run, train_and_report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = Dist(args.device)
-    seed_everything(args.seed, dist.rank)
-    trained_on = trained_on_text(args)
     ann = data.read_annotations(args.annotations)
-    train_cases = data.list_cases(args.train_img, args.train_lab, args.max_cases)
-    val_cases = data.list_cases(args.val_img, args.val_lab, args.max_val)
+    dist, trained_on, train_cases, val_cases = start_run(args)
     if dist.main:
         print(f"E3-CNN: {len(train_cases)} training, {len(val_cases)} validation cases; U-Net grid "
               f"{args.unet_size}^3 at {args.unet_spacing} mm, crop {args.crop_size}; trained_on: {trained_on}",

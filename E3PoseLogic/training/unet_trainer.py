@@ -13,7 +13,7 @@ import torch
 from ..networks.config import UNetConfig
 from ..networks.unet import UNet
 from . import data
-from .common import Dist, base_provenance, seed_everything
+from .common import base_provenance
 from .losses import hard_dice, unet_loss
 
 
@@ -104,15 +104,9 @@ class UNetTask:
 
 
 def run(args) -> int:
-    from .common import train_and_report, trained_on_text
+    from .common import start_run, train_and_report
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dist = Dist(args.device)
-    seed_everything(args.seed, dist.rank)
-    trained_on = trained_on_text(args)
-    train_cases = data.list_cases(args.train_img, args.train_lab, args.max_cases)
-    val_cases = data.list_cases(args.val_img, args.val_lab, args.max_val)
+    dist, trained_on, train_cases, val_cases = start_run(args)
     if dist.main:
         print(f"U-Net: {len(train_cases)} training, {len(val_cases)} validation cases; grid {args.unet_size}^3 at "
               f"{args.unet_spacing} mm; trained_on: {trained_on}", file=sys.stderr)
