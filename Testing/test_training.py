@@ -209,6 +209,78 @@ def test_resume_restores_weights(synth_dir, tmp_path):
     assert opt2.state_dict()["state"][0]["step"] == 1
 
 
+def test_init_from_checkpoint_and_cosine_schedule(synth_dir, tmp_path):
+    """--init starts from a checkpoint's weights (BatchNorm statistics too); a mismatched architecture is refused
+    with the file named; the cosine schedule is a function of the epoch (so --resume continues it)."""
+    from E3PoseLogic.checkpoints import save_native
+    from E3PoseLogic.cli import main
+    from E3PoseLogic.networks.config import UNetConfig
+    from E3PoseLogic.networks.unet import UNet
+    from E3PoseLogic.training.common import init_weights, read_metrics, scheduled_lr
+
+    src = UNet(UNetConfig(n_feat=4, n_levels=3, input_size=32, spacing_mm=12.0))
+    with torch.no_grad():
+        for t in src.state_dict().values():
+            if t.is_floating_point():
+                t.uniform_(0.5, 1.0)
+    save_native(tmp_path / "src.pt", src, "unet", {"trained_on": "test"})
+    dst = UNet(UNetConfig(n_feat=4, n_levels=3, input_size=32, spacing_mm=12.0))
+    init_weights(dst, tmp_path / "src.pt", "unet")
+    for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(RuntimeError, match="src.pt"):
+        init_weights(UNet(UNetConfig(n_feat=8, n_levels=3, input_size=32)), tmp_path / "src.pt", "unet")
+
+    out = tmp_path / "run"
+    pos = [str(synth_dir / "images"), str(synth_dir / "labels")] * 2
+    assert main(["train-unet", *pos, str(out), *UNET_TINY, "--epochs", "2", "--steps-per-epoch", "1",
+                 "--batch-size", "1", "--lr", "0.01", "--lr-schedule", "cosine", "--init", str(tmp_path / "src.pt"),
+                 "--threads", "1", "--quiet", "--bn-recalibrate", "0"]) == 0
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.005])
+    prov = torch.load(out / "last.pt", weights_only=True)["provenance"]
+    assert prov["init"].endswith("src.pt") and prov["lr_schedule"] == "cosine"
+
+    class A:
+        lr, epochs, lr_schedule = 1.0, 4, "cosine"
+    assert [scheduled_lr(A, e) for e in range(5)] == pytest.approx([1.0, 0.853553, 0.5, 0.146447, 0.0], abs=1e-6)
+    A.lr_schedule = "constant"
+    assert scheduled_lr(A, 3) == 1.0
+
+
+def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(synth_dir, tmp_path):
+    """DistributedDataParallel on CPU (gloo): 2 processes x batch 1 take the same draws and, with gradients averaged,
+    reach the same weights as 1 process x batch 2 (the E3-CNN normalises per sample, so the two are equivalent)."""
+    import os
+    import subprocess
+    import sys
+
+    from E3PoseLogic.cli import main
+    from E3PoseLogic.networks.config import E3CNNConfig
+
+    pos = [str(synth_dir / "images"), str(synth_dir / "labels")] * 2 + [str(synth_dir / "poses.csv")]
+    opts = [*E3_TINY, "--epochs", "1", "--steps-per-epoch", "3", "--optimizer", "adam", "--lr", "0.01",
+            "--threads", "1", "--quiet", "--device", "cpu", "--seed", "3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "E3PoseLogic", "train-e3cnn", *pos, str(tmp_path / "ddp"), *opts,
+                           "--batch-size", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train-e3cnn", *pos, str(tmp_path / "one"), *opts, "--batch-size", "2"]) == 0
+    ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    assert ddp["provenance"]["world_size"] == 2 and one["provenance"]["world_size"] == 1
+    for k, v in one["state_dict"].items():
+        torch.testing.assert_close(ddp["state_dict"][k], v, atol=1e-4, rtol=1e-3, msg=k)
+    # and training did move the weights away from the seeded initialisation
+    from E3PoseLogic.networks.e3cnn import E3CNN
+    torch.manual_seed(3)
+    start = E3CNN(E3CNNConfig.from_dict(one["config"])).state_dict()
+    assert max(float((one["state_dict"][k] - start[k]).abs().max()) for k in one["state_dict"]
+               if start[k].is_floating_point() and start[k].numel()) > 1e-3
+
+
 def test_light_import_and_synthetic_detection(synth_dir, tmp_path):
     import subprocess
     import sys

@@ -16,6 +16,8 @@ def _common(p, unet_defaults):
     g.add_argument("--optimizer", choices=("adam", "sgd"), default=unet_defaults["optimizer"],
                    help=f"default {unet_defaults['optimizer']} (published)")
     g.add_argument("--lr", type=float, default=unet_defaults["lr"], help=f"learning rate (default {unet_defaults['lr']})")
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="constant (default, published) or cosine annealing to 0 over --epochs")
     g.add_argument("--weight-decay", type=float, default=unet_defaults["wd"])
     g.add_argument("--clip-grad", type=float, default=10.0, help="gradient-norm clipping (default 10)")
     g.add_argument("--rotation-deg", type=float, default=180.0,
@@ -30,6 +32,9 @@ def _common(p, unet_defaults):
     g.add_argument("--workers", type=int, default=0, help="data-loader worker processes for augmentation")
     g.add_argument("--prep-workers", type=int, default=1, help="processes for the one-off preprocessing")
     g.add_argument("--resume", action="store_true", help="continue from OUTDIR/last.pt (same options)")
+    g.add_argument("--init", metavar="CKPT",
+                   help="start from the weights of this checkpoint (native or published, same architecture "
+                        "options): fine-tune the bundled model on your own data")
     g.add_argument("--time-limit", type=float, metavar="MIN", help="stop after the epoch that passes MIN minutes")
     g.add_argument("--max-cases", type=int, help="use only the first N training cases")
     g.add_argument("--max-val", type=int, help="use only the first N validation cases")

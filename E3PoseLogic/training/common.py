@@ -12,6 +12,7 @@ and writes files. Deliberately simple, and not run in the project's CPU-only CI.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -98,9 +99,6 @@ def seed_everything(seed, rank=0):
     random.seed(seed + rank)
     np.random.seed((seed + rank) % 2 ** 32)
     torch.manual_seed(seed + rank)
-
-
-import functools
 
 
 @functools.lru_cache(maxsize=1)
@@ -228,6 +226,10 @@ def fit(task, args, dist: Dist):
     device = dist.device
     model = task.model.to(device)
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay)
+    if getattr(args, "init", None) and not (args.resume and (out / LAST).is_file()):
+        init_weights(model, args.init, task.kind)
+        if dist.main:
+            print(f"initialised from {args.init}", file=sys.stderr)
     rows, start_epoch, best, best_epoch, elapsed0 = [], 0, math.inf, None, 0.0
     if args.resume:
         state = resume_state(out / LAST, model, opt)
@@ -246,6 +248,8 @@ def fit(task, args, dist: Dist):
     t_start = time.time() - elapsed0
     for epoch in range(start_epoch, args.epochs):
         ds.set_epoch(epoch)
+        for group in opt.param_groups:
+            group["lr"] = scheduled_lr(args, epoch)
         loader = DataLoader(ds, batch_size=per_rank_batch, shuffle=False, num_workers=args.workers,
                             collate_fn=task.collate, persistent_workers=False,
                             pin_memory=device.type == "cuda")
@@ -309,6 +313,32 @@ def fit(task, args, dist: Dist):
     return rows
 
 
+def scheduled_lr(args, epoch):
+    """Learning rate of an epoch: a pure function of the epoch, so --resume continues the same schedule."""
+    if getattr(args, "lr_schedule", "constant") == "cosine":
+        return 0.5 * args.lr * (1.0 + math.cos(math.pi * epoch / max(1, args.epochs)))
+    return args.lr
+
+
+def init_weights(model, path, kind):
+    """Copy the learnable weights of a checkpoint (any format ``checkpoints`` reads) into ``model``; the
+    architecture must match, else a clear error naming the file."""
+    from .. import checkpoints
+
+    loader = checkpoints.load_unet if kind == "unet" else checkpoints.load_e3cnn
+    source, _ = loader(path)
+    ours, theirs = model.state_dict(), source.state_dict()
+    params = dict(model.named_parameters())
+    bad = [k for k in params if k not in theirs or theirs[k].shape != ours[k].shape]
+    if bad:
+        raise RuntimeError(f"{path}: its architecture does not match the training options (first mismatch: {bad[0]}); "
+                           "give the same architecture options as the checkpoint's")
+    with torch.no_grad():  # parameters, and statistics such as BatchNorm's running mean and variance
+        for k, t in ours.items():
+            if k in theirs and theirs[k].shape == t.shape:
+                t.copy_(theirs[k].to(t.device, t.dtype))
+
+
 def _row_of(rows, epoch):
     for r in rows:
         if r["epoch"] == epoch:
@@ -344,7 +374,8 @@ def base_provenance(args, kind, trained_on, n_train, n_val, epochs_done, elapsed
         "val_images": str(Path(args.val_img).resolve()), "val_labels": str(Path(args.val_lab).resolve()),
         "n_train": int(n_train), "n_val": int(n_val),
         "epochs": int(epochs_done), "steps_per_epoch": int(args.steps_per_epoch), "batch_size": int(args.batch_size),
-        "optimizer": args.optimizer, "lr": float(args.lr), "weight_decay": float(args.weight_decay),
+        "optimizer": args.optimizer, "lr": float(args.lr), "lr_schedule": getattr(args, "lr_schedule", "constant"),
+        "init": str(args.init) if getattr(args, "init", None) else None, "weight_decay": float(args.weight_decay),
         "rotation_deg": float(args.rotation_deg), "seed": int(args.seed),
         "training_time_s": round(float(elapsed_s), 1), "hardware": hardware(device),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),

@@ -10,6 +10,7 @@ number of loader workers or processes; processes of a distributed run take inter
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,16 +128,17 @@ def _run_jobs(fn, jobs, workers: int, desc: str):
     """Apply fn(*job) to every job (processes when workers > 1), with a progress bar; failures are skipped."""
     from tqdm import tqdm
 
+    quiet = os.environ.get("RANK", "0") != "0"  # one progress bar in a torchrun job, from rank 0
     results = []
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=workers) as ex:
             futures = [ex.submit(fn, *j) for j in jobs]
-            for j, f in tqdm(list(zip(jobs, futures)), desc=desc, unit="case", file=sys.stderr):
+            for j, f in tqdm(list(zip(jobs, futures)), desc=desc, unit="case", file=sys.stderr, disable=quiet):
                 results.append(_get(f.result, j))
     else:
-        for j in tqdm(jobs, desc=desc, unit="case", file=sys.stderr):
+        for j in tqdm(jobs, desc=desc, unit="case", file=sys.stderr, disable=quiet):
             results.append(_get(lambda: fn(*j), j))
     return [r for r in results if r is not None]
 

@@ -1,0 +1,113 @@
+"""Assemble a bundled model folder: the two best checkpoints, their curves and metrics, and model_card.json.
+
+    python make_model_card.py RUNS EVAL EVAL_GT PRED OUT_DIR --notes notes.json
+
+RUNS holds unet/ and e3cnn/ training folders; EVAL / EVAL_GT are ``e3pose evaluate`` outputs of the whole pipeline
+and of the E3-CNN with the true brain mask; PRED is the pipeline's prediction folder (for the timings). Held-out
+numbers are split by acquisition (frame-id prefix) as well as pooled. ``notes.json`` adds free-form fields (test set
+description, hardware, wall times, commands, the warning shown to users).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+KEEP = ("trained_on", "n_train", "n_val", "epochs", "steps_per_epoch", "batch_size", "optimizer", "lr", "lr_schedule",
+        "init", "rotation_deg", "seed", "training_time_s", "best_epoch", "best_val", "loss", "augmentation",
+        "git_commit")
+
+
+def brief(ckpt):
+    prov = ckpt["provenance"]
+    return {"config": ckpt["config"], **{k: prov.get(k) for k in KEEP}}
+
+
+def summarise(rows, key):
+    vals = [float(r[key]) for r in rows if r["status"] == "ok"]
+    failed = sum(r["status"] != "ok" for r in rows)
+    if not vals:
+        return {"n_cases": len(rows), "n_failed": failed}
+    v = np.asarray(vals)
+    return {"n_cases": len(rows), "n_failed": failed, "median": round(float(np.median(v)), 2),
+            "p95": round(float(np.percentile(v, 95)), 2)}
+
+
+def held_out(per_case_csv, groups):
+    rows = list(csv.DictReader(open(per_case_csv)))
+    out = {}
+    for name, prefix in [("all", "")] + list(groups.items()):
+        sel = [r for r in rows if r["frame_id"].startswith(prefix)]
+        ok = [r for r in sel if r["status"] == "ok"]
+        # a refused volume counts as a failure in the success rates
+        rot = np.array([float(r["rotation_error_deg"]) for r in ok])
+        out[name] = {
+            "n_cases": len(sel), "n_failed": len(sel) - len(ok),
+            "rotation_median_deg": round(float(np.median(rot)), 1) if len(rot) else None,
+            "rotation_p95_deg": round(float(np.percentile(rot, 95)), 1) if len(rot) else None,
+            "success_10deg": round(float(np.sum(rot <= 10) / max(1, len(sel))), 3),
+            "success_30deg": round(float(np.sum(rot <= 30) / max(1, len(sel))), 3),
+            "translation_median_mm": summarise(sel, "translation_error_mm").get("median"),
+            "translation_p95_mm": summarise(sel, "translation_error_mm").get("p95"),
+            "median_axis_errors_deg": {ax: round(float(np.median([float(r[f"err_{ax}_deg"]) for r in ok])), 1)
+                                       for ax in ("ex", "ey", "ez")} if ok else None,
+        }
+    return out
+
+
+def timings(pred_dir):
+    per_stage = {}
+    for f in sorted(Path(pred_dir).glob("*.json")):
+        for k, v in json.loads(f.read_text()).get("timings_s", {}).items():
+            per_stage.setdefault(k, []).append(float(v))
+    out = {k: round(float(np.median(v)), 3) for k, v in per_stage.items()}
+    if "total" in per_stage:
+        out["p95_total"] = round(float(np.percentile(per_stage["total"], 95)), 3)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("runs", "eval", "eval_gt", "pred", "out"):
+        p.add_argument(name, type=Path)
+    p.add_argument("--notes", type=Path)
+    p.add_argument("--groups", default='{"standard": "syn21_", "navigator_like": "syn22_"}')
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    notes = json.loads(a.notes.read_text()) if a.notes else {}
+    groups = json.loads(a.groups)
+    cards = {}
+    for kind in ("unet", "e3cnn"):
+        run = a.runs / kind
+        shutil.copy(run / "best.pt", a.out / f"{kind}.pt")
+        shutil.copy(run / "metrics.csv", a.out / f"{kind}_metrics.csv")
+        shutil.copy(run / "learning_curve.png", a.out / f"{kind}_learning_curve.png")
+        cards[kind] = brief(torch.load(a.out / f"{kind}.pt", map_location="cpu", weights_only=True))
+    shutil.copy(a.eval / "summary.json", a.out / "heldout_summary_full_pipeline.json")
+    shutil.copy(a.eval_gt / "summary.json", a.out / "heldout_summary_gt_mask.json")
+    card = {
+        "name": a.out.name,
+        **{k: notes[k] for k in ("variant", "training_data") if k in notes},
+        "synthetic": True,
+        **cards,
+        "held_out_test": {
+            "test_set": notes.get("test_set"),
+            "full_pipeline": held_out(a.eval / "per_case.csv", groups),
+            "e3cnn_with_ground_truth_brain_mask": held_out(a.eval_gt / "per_case.csv", groups),
+            "inference_time_s_median_per_volume": timings(a.pred),
+            "inference_hardware": notes.get("inference_hardware"),
+        },
+        **{k: v for k, v in notes.items() if k not in ("variant", "training_data", "test_set", "inference_hardware")},
+        "files": {f"{k}.pt": (a.out / f"{k}.pt").stat().st_size for k in ("unet", "e3cnn")},
+    }
+    (a.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(json.dumps(card["held_out_test"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
