@@ -63,12 +63,26 @@ def voxel_axes_loss(out, r_target, pseudo_weight=0.5):
     return pseudo_weight * l_p + l_a + l_b
 
 
+def _float32(fn):
+    """Rotation maths in float32 even under mixed-precision autocast (SVD has no half kernels, and a bf16 angle
+    is only good to about a degree)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*tensors):
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            return fn(*(t.float() for t in tensors))
+
+    return wrapper
+
+
+@_float32
 def predicted_rotation(pooled):
     """Pooled output [B, 9] -> [B, 3, 3], columns e_x, e_y, e_z (proper; the published handedness rule)."""
-    pooled = pooled.float()
     return axes_to_rotation_torch(pooled[:, 0:3], pooled[:, 3:6], pooled[:, 6:9])
 
 
+@_float32
 def geodesic_angle(r1, r2):
     """Angle (radians) of r1^T r2 for batches [B, 3, 3], via atan2 (accurate and differentiable near 0 and pi)."""
     m = r1.transpose(-1, -2) @ r2
