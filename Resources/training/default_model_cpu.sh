@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How the bundled default model (E3PoseLogic/data/models/default) was made, on a 2-core CPU without a GPU.
 # Run from an empty working folder with the E3Pose venv active:  bash /path/to/default_model_cpu.sh
-# About 15 min of data generation, 66 min of training (both networks at once, one thread each), 5 min of testing.
+# About 15 min of data generation, 100 min of training (U-Net beside the first two E3-CNN phases), 5 min of testing.
 # Everything is synthetic (e3pose synth): the resulting model is labelled as trained on synthetic data.
 set -euo pipefail
 
@@ -40,10 +40,18 @@ e3pose train-unet train/images train/labels val/images val/labels runs/unet --un
     --n-feat 8 --batch-size 2 --steps-per-epoch 50 --epochs 34 --lr 0.001 --lr-schedule cosine --no-augment \
     --threads 1 --seed 6 --time-limit 66 --max-val 24 --bn-recalibrate 32 --quiet --trained-on "$TO" \
     ${UNET_INIT:+--init "$UNET_INIT"} &
-e3pose train-e3cnn train/images train/labels val/images val/labels ann.csv runs/e3cnn --unet-size 64 --unet-spacing 6 \
-    --mult 1 --n-downsample 2 --lmax 2 --crop-size 16 --batch-size 4 --steps-per-epoch 200 --epochs 29 --lr 0.005 \
-    --lr-schedule cosine --no-augment --threads 1 --seed 5 --time-limit 66 --max-val 30 --quiet --trained-on "$TO"
-wait
+# E3-CNN, as it happened: a batch-4 phase (stopped after 27 min: crops are rarely exactly cubic, so a batch of 4 costs
+# 4 forwards), then two batch-1 cosine phases, each starting from the previous one (--init)
+E3="--unet-size 64 --unet-spacing 6 --mult 1 --n-downsample 2 --lmax 2 --crop-size 16 --no-augment --max-val 30 --quiet"
+e3pose train-e3cnn train/images train/labels val/images val/labels ann.csv runs/e3cnn_p1 $E3 --batch-size 4 \
+    --steps-per-epoch 200 --epochs 29 --lr 0.005 --lr-schedule cosine --threads 1 --seed 5 --time-limit 27 --trained-on "$TO"
+e3pose train-e3cnn train/images train/labels val/images val/labels ann.csv runs/e3cnn_p2 $E3 --batch-size 1 \
+    --steps-per-epoch 500 --epochs 13 --lr 0.005 --lr-schedule cosine --threads 1 --seed 5 --time-limit 35 \
+    --init runs/e3cnn_p1/last.pt --trained-on "$TO"
+wait  # the U-Net
+e3pose train-e3cnn train/images train/labels val/images val/labels ann.csv runs/e3cnn $E3 --batch-size 1 \
+    --steps-per-epoch 1000 --epochs 12 --lr 0.003 --lr-schedule cosine --threads 2 --seed 8 --time-limit 30 \
+    --init runs/e3cnn_p2/best.pt --trained-on "$TO"
 
 # 3. held-out test: the whole pipeline, and the E3-CNN alone with the true brain mask (label 1 of the label maps)
 e3pose infer test/images -o pred --unet runs/unet/best.pt --e3cnn runs/e3cnn/best.pt -q
