@@ -283,7 +283,7 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(synth_dir
 
 def test_mixed_precision_path(synth_dir, tmp_path):
     """--amp (bf16 autocast; on CPU here, the same code path as on a GPU): both trainers run, losses are finite,
-    checkpoints stay float32, and the rotation maths is done in float32 whatever autocast says."""
+    checkpoints stay float32, and the E3-CNN and the rotation maths run in float32 whatever autocast says."""
     from E3PoseLogic.cli import main
     from E3PoseLogic.training.common import read_metrics
     from E3PoseLogic.training.losses import geodesic_angle, predicted_rotation
@@ -299,6 +299,23 @@ def test_mixed_precision_path(synth_dir, tmp_path):
         assert math.isfinite(row["train_loss"]) and math.isfinite(row[key])
         state = torch.load(tmp_path / kind / "best.pt", weights_only=True)["state_dict"]
         assert all(v.dtype in (torch.float32, torch.int64, torch.bool, torch.uint8) for v in state.values())
+
+    # the E3-CNN forward is float32 inside the task even under autocast
+    import types
+
+    from E3PoseLogic.networks.config import E3CNNConfig
+    from E3PoseLogic.networks.e3cnn import E3CNN
+    from E3PoseLogic.training.e3cnn_trainer import E3CNNTask
+
+    net = E3CNN(E3CNNConfig(n_downsample=1, mult=1, lmax=2, crop_size=8))
+    task = E3CNNTask.__new__(E3CNNTask)
+    task.args = types.SimpleNamespace(loss="axes")
+    seen = []
+    hook = net.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = task._loss(net, torch.rand(1, 1, 8, 8, 8), torch.eye(3)[None])
+    hook.remove()
+    assert seen == [torch.float32] and torch.isfinite(loss)
 
     pooled = torch.randn(3, 9)
     r = torch.tensor(_rot("xyz", [10, 20, 30]), dtype=torch.float32).expand(3, 3, 3)

@@ -55,10 +55,17 @@ class E3CNNTask:
             groups.setdefault(tuple(x.shape), []).append((x, r))
         return [(torch.cat([x for x, _ in g]), torch.cat([r for _, r in g])) for g in groups.values()]
 
+    @staticmethod
+    def _float32(x):
+        """The E3-CNN always runs in float32, also under --amp: in bf16 its norm-based gates and normalisation gave
+        non-finite outputs within a few steps (seen in this project's tests). --amp still speeds up the U-Net."""
+        return torch.autocast(x.device.type, enabled=False)
+
     def _loss(self, net, x, r):
-        if self.args.loss == "geodesic":
-            return geodesic_loss(net(x, pool=True), r)
-        return voxel_axes_loss(net(x, pool=False), r)
+        with self._float32(x):
+            if self.args.loss == "geodesic":
+                return geodesic_loss(net(x, pool=True), r)
+            return voxel_axes_loss(net(x, pool=False), r)
 
     def train_loss(self, net, batch, device):
         total, n = 0.0, 0
@@ -74,8 +81,9 @@ class E3CNNTask:
         for case in self.val_cache:
             x = torch.from_numpy(case.x)[None, None].to(device)
             r = torch.as_tensor(case.r_vc, dtype=torch.float32)[None].to(device)
-            unpooled = model(x, pool=False)
-            pooled = model.net.pool(unpooled).flatten(1)
+            with self._float32(x):
+                unpooled = model(x, pool=False)
+                pooled = model.net.pool(unpooled).flatten(1)
             if self.args.loss == "geodesic":
                 losses.append(float(geodesic_loss(pooled, r)))
             else:
