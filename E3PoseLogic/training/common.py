@@ -324,22 +324,17 @@ def scheduled_lr(args, epoch):
 
 
 def init_weights(model, path, kind):
-    """Copy the learnable weights of a checkpoint (any format ``checkpoints`` reads) into ``model``; the
-    architecture must match, else a clear error naming the file."""
+    """Copy the weights of a checkpoint (any format ``checkpoints`` reads) into ``model``; the architecture must
+    match, else a clear error naming the file."""
     from .. import checkpoints
 
     loader = checkpoints.load_unet if kind == "unet" else checkpoints.load_e3cnn
     source, _ = loader(path)
-    ours, theirs = model.state_dict(), source.state_dict()
-    params = dict(model.named_parameters())
-    bad = [k for k in params if k not in theirs or theirs[k].shape != ours[k].shape]
-    if bad:
-        raise RuntimeError(f"{path}: its architecture does not match the training options (first mismatch: {bad[0]}); "
-                           "give the same architecture options as the checkpoint's")
-    with torch.no_grad():  # parameters, and statistics such as BatchNorm's running mean and variance
-        for k, t in ours.items():
-            if k in theirs and theirs[k].shape == t.shape:
-                t.copy_(theirs[k].to(t.device, t.dtype))
+    try:  # parameters, and statistics such as BatchNorm's running mean and variance
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as exc:
+        raise RuntimeError(f"{path}: its architecture does not match the training options; give the same "
+                           f"architecture options as the checkpoint's ({' '.join(str(exc).split())[:300]})") from None
 
 
 def _row_of(rows, epoch):

@@ -10,7 +10,6 @@ number of loader workers or processes; processes of a distributed run take inter
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,11 +123,11 @@ def e3cnn_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: 
     return CropCase(volume_name(img_path), x.astype(np.float32), m, crop_spacing, np.asarray(r_vc, np.float64))
 
 
-def _run_jobs(fn, jobs, workers: int, desc: str):
+def _run_jobs(fn, jobs, workers: int, desc: str, progress: bool = True):
     """Apply fn(*job) to every job (processes when workers > 1), with a progress bar; failures are skipped."""
     from tqdm import tqdm
 
-    quiet = os.environ.get("RANK", "0") != "0"  # one progress bar in a torchrun job, from rank 0
+    quiet = not progress
     results = []
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -151,12 +150,13 @@ def _get(call, job):
         return None
 
 
-def cache_unet(cases, spacing, size, workers=1, desc="preprocess"):
+def cache_unet(cases, spacing, size, workers=1, desc="preprocess", progress=True):
     """In-memory list of (x, labels) for the U-Net."""
-    return _run_jobs(unet_case, [(p, q, spacing, size) for _, p, q in cases], workers, desc)
+    return _run_jobs(unet_case, [(p, q, spacing, size) for _, p, q in cases], workers, desc, progress)
 
 
-def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, workers=1, desc="preprocess"):
+def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, workers=1, desc="preprocess",
+                progress=True):
     """In-memory list of CropCase; cases without an annotation row are skipped with a warning."""
     jobs, missing = [], []
     for fid, p, q in cases:
@@ -167,7 +167,7 @@ def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, worker
     if missing:
         print(f"warning: {len(missing)} cases have no row in the annotation CSV (e.g. {missing[0]}); skipped",
               file=sys.stderr)
-    return _run_jobs(e3cnn_case, jobs, workers, desc)
+    return _run_jobs(e3cnn_case, jobs, workers, desc, progress)
 
 
 # ------------------------------------------------------------------------------------------------- augmentation

@@ -15,7 +15,7 @@ from ..networks.config import E3CNNConfig
 from ..networks.e3cnn import E3CNN
 from . import data
 from .common import base_provenance
-from .losses import geodesic_loss, rotation_errors_deg, voxel_axes_loss
+from .losses import geodesic_loss, no_autocast, rotation_errors_deg, voxel_axes_loss
 
 
 class E3CNNTask:
@@ -55,14 +55,10 @@ class E3CNNTask:
             groups.setdefault(tuple(x.shape), []).append((x, r))
         return [(torch.cat([x for x, _ in g]), torch.cat([r for _, r in g])) for g in groups.values()]
 
-    @staticmethod
-    def _float32(x):
-        """The E3-CNN always runs in float32, also under --amp: in bf16 its norm-based gates and normalisation gave
-        non-finite outputs within a few steps (seen in this project's tests). --amp still speeds up the U-Net."""
-        return torch.autocast(x.device.type, enabled=False)
-
     def _loss(self, net, x, r):
-        with self._float32(x):
+        # The E3-CNN always runs in float32, also under --amp: in bf16 its norm-based gates and normalisation gave
+        # non-finite outputs within a few steps (seen in this project's tests). --amp still speeds up the U-Net.
+        with no_autocast(x):
             if self.args.loss == "geodesic":
                 return geodesic_loss(net(x, pool=True), r)
             return voxel_axes_loss(net(x, pool=False), r)
@@ -81,7 +77,7 @@ class E3CNNTask:
         for case in self.val_cache:
             x = torch.from_numpy(case.x)[None, None].to(device)
             r = torch.as_tensor(case.r_vc, dtype=torch.float32)[None].to(device)
-            with self._float32(x):
+            with no_autocast(x):  # float32, as in training
                 unpooled = model(x, pool=False)
                 pooled = model.net.pool(unpooled).flatten(1)
             if self.args.loss == "geodesic":
@@ -115,7 +111,9 @@ def run(args) -> int:
               f"{args.unet_size}^3 at {args.unet_spacing} mm, crop {args.crop_size}; trained_on: {trained_on}",
               file=sys.stderr)
     prep = (args.unet_spacing, args.unet_size, E3CNNConfig().crop_scale, args.crop_size)
-    train_cache = data.cache_e3cnn(train_cases, ann, *prep, workers=args.prep_workers, desc="train data")
+    # one progress bar in a torchrun job: rank 0's
+    train_cache = data.cache_e3cnn(train_cases, ann, *prep, workers=args.prep_workers, desc="train data",
+                                   progress=dist.main)
     val_cache = data.cache_e3cnn(val_cases, ann, *prep, workers=args.prep_workers, desc="val data") \
         if dist.main else []
     if not train_cache:

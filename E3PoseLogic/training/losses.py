@@ -7,6 +7,7 @@ direction is supervised) + mean |a_hat - e_y| + mean |b_hat - e_z| (L1 over comp
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -63,14 +64,18 @@ def voxel_axes_loss(out, r_target, pseudo_weight=0.5):
     return pseudo_weight * l_p + l_a + l_b
 
 
+def no_autocast(t):
+    """A region that runs in the tensors' own precision even inside a mixed-precision autocast, on t's device."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _float32(fn):
     """Rotation maths in float32 even under mixed-precision autocast (SVD has no half kernels, and a bf16 angle
     is only good to about a degree)."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*tensors):
-        with torch.autocast(tensors[0].device.type, enabled=False):
+        with no_autocast(tensors[0]):
             return fn(*(t.float() for t in tensors))
 
     return wrapper

@@ -110,7 +110,8 @@ def run(args) -> int:
     if dist.main:
         print(f"U-Net: {len(train_cases)} training, {len(val_cases)} validation cases; grid {args.unet_size}^3 at "
               f"{args.unet_spacing} mm; trained_on: {trained_on}", file=sys.stderr)
-    train_cache = data.cache_unet(train_cases, args.unet_spacing, args.unet_size, args.prep_workers, "train data")
+    train_cache = data.cache_unet(train_cases, args.unet_spacing, args.unet_size, args.prep_workers, "train data",
+                                  progress=dist.main)  # one progress bar in a torchrun job: rank 0's
     val_cache = data.cache_unet(val_cases, args.unet_spacing, args.unet_size, args.prep_workers, "val data") \
         if dist.main else []
     task = UNetTask(args, train_cache, val_cache, trained_on)
