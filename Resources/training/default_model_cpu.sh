@@ -59,5 +59,6 @@ e3pose evaluate pred test/poses.csv -o ev
 e3pose infer test/images -o pred_gt --mask-dir test/labels --unet runs/unet/best.pt --e3cnn runs/e3cnn/best.pt -q
 e3pose evaluate pred_gt test/poses.csv -o ev_gt --no-plot
 
-# 4. the bundled folder and its card (notes.json: test set, hardware, wall times, commands, warning for users)
-python "$(dirname "$0")/make_model_card.py" runs ev ev_gt pred "${OUT:-default}" --notes notes.json
+# 4. the bundled folder and its card (the notes: test set, hardware, training history, limitations, warning for users)
+python "$(dirname "$0")/make_model_card.py" runs ev ev_gt pred "${OUT:-default}" \
+    --notes "$(dirname "$0")/default_model_notes.json"
