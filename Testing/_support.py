@@ -19,18 +19,50 @@ def rotation(axis, degrees):
     return r
 
 
+REPO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "upstream"
+
+
 def fixtures_dir() -> Path:
-    """The published-code fixtures: $E3POSE_FIXTURES, else ../shared/fixtures/upstream beside the checkout."""
+    """The published-code fixtures: $E3POSE_FIXTURES (the full set) if set, else the trimmed copy in this repository
+    (Testing/fixtures/upstream: fewer cases, some large arrays subsampled; see its README)."""
     env = os.environ.get("E3POSE_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "upstream"
+    return Path(env) if env else REPO_FIXTURES
 
 
 def require_fixtures(*names) -> Path:
+    """The fixtures folder; a missing file fails the test (the repository carries a copy, so nothing is skipped)."""
     base = fixtures_dir()
     for name in names:
         if not (base / name).exists():
-            pytest.skip(f"upstream fixture {name} not found under {base}")
+            pytest.fail(f"upstream fixture {name} not found under {base} (unset $E3POSE_FIXTURES to use the copy in "
+                        f"Testing/fixtures/upstream)")
     return base
+
+
+def fixture_cases(npz_name):
+    """Case names stored in an npz of the fixture set (read at collection time, so a trimmed set has fewer cases)."""
+    path = fixtures_dir() / npz_name
+    if not path.exists():
+        return [f"missing-{npz_name}"]  # the test then fails in require_fixtures
+    return [str(c) for c in np.load(path)["case_names"]]
+
+
+def pipeline_cases():
+    """The whole-pipeline cases of the fixture set (pipeline/input/NAME.nii.gz)."""
+    names = sorted(p.name[:-len(".nii.gz")] for p in (fixtures_dir() / "pipeline" / "input").glob("*.nii.gz"))
+    return names or ["missing-pipeline-input"]
+
+
+def reference(npz, key):
+    """(reference values, index): the array stored whole with index ``...``, or, in the trimmed copy, its regular
+    subsample ``KEY__sub`` with the index that takes the same elements from a full-size array."""
+    if key in npz.files:
+        return npz[key], (...,)
+    return npz[f"{key}__sub"], tuple(slice(int(a), int(b), int(c)) for a, b, c in npz[f"{key}__index"])
+
+
+def reference_shape(npz, key):
+    return tuple(npz[key].shape) if key in npz.files else tuple(int(n) for n in npz[f"{key}__shape"])
 
 
 def small_e3cnn(seed=0, parity_exact=True, **overrides):

@@ -59,3 +59,35 @@ def global_mean_direction_pool(x, irreps):
             unit = F.normalize(block, dim=1)
             out.append((weight * unit).sum(dim=(2, 3, 4), keepdim=True))
     return torch.cat(out, dim=1)
+
+
+def norm_pool_flip_jump(x, irreps, kernel_size, rel_tol, parity_exact=False):
+    """How far the choices of ``equivariant_max_pool3d(x, irreps, kernel_size, parity_exact)`` are from a near-tie.
+
+    For every norm-pooled irrep copy (l > 0; odd scalars too with ``parity_exact``) and every window: the largest
+    distance, relative to the kept vector's norm, from the kept vector to any vector of the window whose norm is
+    within ``rel_tol`` (relative) of the largest norm. 0 where no *different* vector comes that close, i.e. where
+    a rounding of the norms smaller than ``rel_tol`` cannot change the pooled output. Returns
+    [batch, copies, *windows] (copies in storage order). A diagnostic for comparing implementations whose float32
+    rounding differs; pooling itself does not use it.
+    """
+    k = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+    w = [n // s for n, s in zip(x.shape[2:], k)]  # max_pool3d drops the remainder
+    x = x[:, :, :w[0] * k[0], :w[1] * k[1], :w[2] * k[2]]
+    b = x.shape[0]
+    out = []
+    for start, l, p in _irrep_slices(irreps):
+        if l == 0 and not (parity_exact and p == -1):
+            continue  # max by value: a near-tie moves the result by no more than the rounding
+        block = x[:, start:start + 2 * l + 1].reshape(b, 2 * l + 1, w[0], k[0], w[1], k[1], w[2], k[2])
+        v = block.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, w[0], w[1], w[2], -1, 2 * l + 1)
+        norm = v.norm(dim=-1)
+        top, idx = norm.max(dim=-1, keepdim=True)  # first maximum, as max_pool3d
+        kept = torch.gather(v, -2, idx.unsqueeze(-1).expand(*idx.shape, 2 * l + 1))
+        dist = (v - kept).norm(dim=-1)
+        near = norm >= top * (1.0 - rel_tol)
+        jump = torch.where(near, dist, torch.zeros_like(dist)).amax(dim=-1) / top.squeeze(-1).clamp_min(1e-30)
+        out.append(jump)
+    if not out:
+        return x.new_zeros((b, 0, *w))
+    return torch.stack(out, dim=1)
