@@ -22,6 +22,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from .preprocess import minmax  # the pipeline's (torchio's) min-max: a constant volume is returned unchanged
+
 Range = Tuple[float, float]
 
 
@@ -78,15 +80,6 @@ def random_rotation(volume: np.ndarray, mask: Optional[np.ndarray], rng: np.rand
 
 
 # ----------------------------------------------------------------------------------------------------- intensity
-def minmax(volume: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1]; a constant volume becomes zeros (not NaN)."""
-    v = np.asarray(volume, dtype=np.float32)
-    lo, hi = float(np.min(v)), float(np.max(v))
-    if not hi > lo:
-        return np.zeros_like(v)
-    return (v - lo) / np.float32(hi - lo)
-
-
 def percentile_normalise(volume: np.ndarray, lower: float = 0.5, upper: float = 99.5) -> np.ndarray:
     """Map the [lower, upper] percentiles to [0, 1] and clip: robust to single bright voxels, unlike min-max."""
     v = np.asarray(volume, dtype=np.float32)

@@ -10,6 +10,7 @@ Formats, detected from the content (not the file name):
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -33,18 +34,68 @@ def _torch_load(path, allow_pickle=False):
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(path, "file not found")
+        raise CheckpointError(path, "file not found" if not path.exists() else "is a folder, not a weights file")
+    what = _not_a_checkpoint(path)
+    if what:
+        raise CheckpointError(path, f"not a PyTorch checkpoint: {what}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        first = _first_line(exc)
+        if "weights only" not in str(exc).lower():  # not the weights_only refusal: the file itself is broken
+            raise CheckpointError(path, f"cannot be read as a PyTorch checkpoint (UnpicklingError: {first})") from None
         if not allow_pickle:
             raise CheckpointError(
                 path, "contains pickled Python objects that weights_only loading refuses. If you trust this "
                       "file, load it with allow_pickle=True (command line: --allow-pickle), then save it in the "
-                      f"native format with `e3pose convert`. ({str(exc).splitlines()[0]})") from None
-        return torch.load(path, map_location="cpu", weights_only=False)
+                      f"native format with `e3pose convert`. ({first})") from None
     except Exception as exc:  # truncated zip, not a torch file, ...
         raise CheckpointError(path, f"cannot be read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a class from a module that is not installed, a broken pickle, ...
+        first = _first_line(exc)
+        raise CheckpointError(path, "cannot be read as a PyTorch checkpoint even with full unpickling "
+                                    f"(--allow-pickle): {type(exc).__name__}: {first}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch's messages carry terminal colour codes
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def _not_a_checkpoint(path: Path, size: int = 4096):
+    """What the file is when it clearly is not a PyTorch checkpoint (text, NIfTI, HDF5, ...); None otherwise.
+
+    torch.save writes a zip archive (torch >= 1.6) or a pickle that starts with protocol byte 0x80 (older torch);
+    anything else gets a description instead of a misleading unpickling error.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(size)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    name = path.name.lower()
+    if head.startswith(b"\x1f\x8b"):
+        kind = "a NIfTI volume (.nii.gz)" if name.endswith(".nii.gz") else "a gzip-compressed file"
+        return f"it is {kind}, not network weights"
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00", b"n+2\x00"):
+        return "it is a NIfTI volume, not network weights"
+    if head.startswith(b"\x89HDF"):
+        return "it is an HDF5 file (e.g. a Keras/TensorFlow model or an ITK transform), not PyTorch weights"
+    if b"\x00" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None:
+            first = text.strip().splitlines()[0][:60] if text.strip() else ""
+            return f"it is a text file (starting {first!r})" if first else "it is a text file with no content"
+    return f"unrecognised content (first bytes {head[:8].hex(' ')}); expected a file written by torch.save"
 
 
 def detect_format(obj):
@@ -66,6 +117,21 @@ def load_unet(path, allow_pickle=False):
 def load_e3cnn(path, allow_pickle=False):
     """-> (E3CNN in eval mode, info dict)."""
     return _load_network(path, "e3cnn", allow_pickle)
+
+
+def load_refiner(path):
+    """-> (SagittalNet in eval mode, info dict). Native format only: the published method has no refinement."""
+    from .networks.sagittal import SagittalConfig, SagittalNet
+
+    obj = _torch_load(path, allow_pickle=False)
+    fmt = detect_format(obj)
+    if fmt != "native" or obj.get("kind") != "refiner":
+        raise CheckpointError(path, f"not a refinement-network checkpoint (found: {_describe(obj, fmt)})")
+    model = SagittalNet(SagittalConfig.from_dict(obj["config"]))
+    _load_strict(model, obj["state_dict"], path)
+    info = {"format": "native", **obj.get("provenance", {})}
+    info.update(path=str(path), sha256=sha256(path), config=model.config.to_dict())
+    return model.eval(), info
 
 
 def _load_network(path, kind, allow_pickle):

@@ -18,7 +18,12 @@ from .rotation import geodesic_deg  # noqa: F401  (re-exported: batched geodesic
 
 # Rotation-magnitude bins (degrees), as in Table 2 of the 3DPose-Net paper (Salehi et al. 2019).
 MAGNITUDE_BINS = (0.0, 30.0, 60.0, 90.0, 120.0, 180.0)
-SUCCESS_THRESHOLDS = (10.0, 30.0)
+SUCCESS_THRESHOLDS = (5.0, 10.0, 30.0)  # success_T: error <= T over all cases (a missing prediction fails)
+SHARE_ABOVE = (30.0,)  # above_T: error > T or missing, over all cases (= 1 - success_T)
+FAILURE_DEG = 60.0  # failure_60: the E(3)-Pose paper's failure (error > 60 degrees), a missing prediction included
+GA_SPLIT_WEEKS = 25.0  # subgroups ga_lt_25 / ga_ge_25
+REFINE_WITHIN_DEG, REFINE_WORSE_DEG = 10.0, 2.0  # refinement check: final worse by > 2 deg where the network was <= 10
+MAX_ABS_ANGLE_DEG = 1e6  # larger Euler angles are corrupt values, not poses
 
 
 def rotation_magnitude_deg(R) -> np.ndarray:
@@ -41,11 +46,14 @@ def rotation_from_euler_csv(rot_x: float, rot_y: float, rot_z: float) -> np.ndar
     return Rotation.from_euler("xyz", [rot_x, rot_y, rot_z], degrees=True).as_matrix()
 
 
-def summarise(errors: Sequence[float], n_missing: int = 0,
-              thresholds: Sequence[float] = SUCCESS_THRESHOLDS) -> Dict[str, Optional[float]]:
-    """Statistics of the errors that exist; success rates over all cases, a missing prediction counting as a failure.
+def summarise(errors: Sequence[float], n_missing: int = 0, thresholds: Sequence[float] = SUCCESS_THRESHOLDS,
+              failure_above: Optional[float] = FAILURE_DEG,
+              share_above: Sequence[float] = SHARE_ABOVE) -> Dict[str, Optional[float]]:
+    """Statistics of the errors that exist; rates over all cases, a missing prediction counting as a failure.
 
-    Percentiles: numpy's default linear interpolation. Empty input gives None statistics (JSON null).
+    ``success_T``: share with error <= T; ``above_T``: share with error > T or missing; ``failure_F``: the same
+    above ``failure_above``. Percentiles: numpy's default linear interpolation. Empty input gives None statistics
+    (JSON null); rates are None only when there is no case at all.
     """
     e = np.asarray([x for x in errors if x is not None and np.isfinite(x)], dtype=np.float64)
     n_total = len(e) + int(n_missing)
@@ -55,8 +63,16 @@ def summarise(errors: Sequence[float], n_missing: int = 0,
                    max=float(e.max()))
     else:
         out.update(mean=None, median=None, p95=None, max=None)
+
+    def rate(count):
+        return float(count / n_total) if n_total else None
+
     for t in thresholds:
-        out[f"success_{t:g}"] = float(np.sum(e <= t) / n_total) if n_total else None
+        out[f"success_{t:g}"] = rate(np.sum(e <= t))
+    for t in share_above:
+        out[f"above_{t:g}"] = rate(np.sum(e > t) + n_missing)
+    if failure_above is not None:
+        out[f"failure_{failure_above:g}"] = rate(np.sum(e > failure_above) + n_missing)
     return out
 
 
@@ -74,7 +90,8 @@ def summarise_by_magnitude(magnitudes, errors, missing_magnitudes: Iterable[floa
                            edges: Sequence[float] = MAGNITUDE_BINS) -> List[dict]:
     """``summarise`` per ground-truth rotation-magnitude bin (missing predictions counted in their bin)."""
     idx = bin_index(magnitudes, edges)
-    midx = bin_index(list(missing_magnitudes), edges) if len(list(missing_magnitudes)) else np.array([], int)
+    missing_magnitudes = list(missing_magnitudes)
+    midx = bin_index(missing_magnitudes, edges) if missing_magnitudes else np.array([], int)
     errors = np.asarray(errors, dtype=np.float64)
     out = []
     for i in range(len(edges) - 1):
@@ -85,72 +102,224 @@ def summarise_by_magnitude(magnitudes, errors, missing_magnitudes: Iterable[floa
 
 
 # ---------------------------------------------------------------------------------------------------- file input
-def read_ground_truth(path) -> Dict[str, dict]:
-    """CSV rows by frame_id: ``rotation_voxel`` (= R_vc^T), ``com_ras`` (None without com_r/a/s), ``fold``, ``ga_weeks``."""
+_TRUE = {"1", "true", "yes", "y", "t", "navigator"}
+_FALSE = {"0", "false", "no", "n", "f", "standard"}
+
+
+def _protocol(value: Optional[str]) -> Optional[str]:
+    """A ``protocol`` cell, lower case; "navigator-like" and "nav" mean "navigator"; empty -> None."""
+    v = (value or "").strip().lower()
+    if not v:
+        return None
+    return "navigator" if v in ("navigator-like", "navigator_like", "nav") else v
+
+
+def _navigator_flag(value: Optional[str]) -> Optional[str]:
+    """A boolean-ish ``navigator`` cell -> "navigator" / "standard"; empty -> None; anything else raises."""
+    v = (value or "").strip().lower()
+    if not v:
+        return None
+    if v in _TRUE:
+        return "navigator"
+    if v in _FALSE:
+        return "standard"
+    raise ValueError(f"navigator is {value!r}, not a yes/no value (1/0, true/false, yes/no)")
+
+
+def _number(r: dict, key: str, what: str, limit: Optional[float] = None) -> float:
+    raw = r.get(key)
+    if raw is None or raw == "":
+        raise ValueError(f"{key} is empty")
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError(f"{key} is {raw!r}, not a number") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{key} is {raw!r}, not a finite {what}")
+    if limit is not None and abs(v) > limit:
+        raise ValueError(f"{key} is {raw!r}, beyond +-{limit:g} (not a {what})")
+    return v
+
+
+def read_ground_truth(path, warnings_out: Optional[List[str]] = None) -> Dict[str, dict]:
+    """CSV rows by frame_id: ``rotation_voxel`` (= R_vc^T), ``com_ras`` (None without com_r/a/s or with the three
+    cells empty), ``fold``, ``ga_weeks`` (None when absent or empty), ``protocol`` (None when unknown).
+
+    Strict, so that no wrong number reaches a summary: every angle must be a finite number of degrees (at most
+    1e6 in magnitude), com_* and ga_weeks finite when given; the error names the file, line and frame_id of each
+    bad row. A UTF-8 byte-order mark is accepted. A frame_id repeated with different values is an error naming the
+    ids; repeated with identical values it is kept once and reported in ``warnings_out`` (a list to append to;
+    without one, ``warnings.warn``). ``protocol`` comes from a ``protocol`` column (standard / navigator, other
+    names kept as given) or else a boolean-ish ``navigator`` column.
+    """
     rows: Dict[str, dict] = {}
-    with open(path, newline="") as f:
+    raw_rows: Dict[str, tuple] = {}
+    lines: Dict[str, List[int]] = {}
+    errors: List[str] = []
+    conflicting: List[str] = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        cols = {c.strip() for c in (reader.fieldnames or [])}
+        cols = {c.strip() for c in (reader.fieldnames or []) if c}
         need = {"frame_id", "rot_x", "rot_y", "rot_z"}
         if not need <= cols:
             raise ValueError(f"{path}: missing columns {sorted(need - cols)} (have {sorted(cols)})")
         has_com = {"com_r", "com_a", "com_s"} <= cols
-        for r in reader:
-            r = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k}
-            fid = r["frame_id"]
-            r_vc = rotation_from_euler_csv(float(r["rot_x"]), float(r["rot_y"]), float(r["rot_z"]))
-            rows[fid] = dict(
-                rotation_voxel=r_vc.T,
-                com_ras=np.array([float(r[k]) for k in ("com_r", "com_a", "com_s")]) if has_com else None,
-                fold=r.get("fold"), ga_weeks=float(r["ga_weeks"]) if r.get("ga_weeks") else None)
+        for raw in reader:
+            line = reader.line_num
+            r = {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in raw.items() if k}
+            fid = r.get("frame_id") or ""
+            where = f"line {line}" + (f" (frame_id {fid!r})" if fid else "")
+            try:
+                if not fid:
+                    raise ValueError("frame_id is empty")
+                if raw.get(None) or any(v is None for v in r.values()):
+                    n = sum(v is not None for v in r.values()) + len(raw.get(None) or [])
+                    raise ValueError(f"{n} fields where the header has {len(r)}")
+                angles = [_number(r, k, "angle in degrees", MAX_ABS_ANGLE_DEG) for k in ("rot_x", "rot_y", "rot_z")]
+                com = None
+                if has_com and any(r.get(k) for k in ("com_r", "com_a", "com_s")):
+                    com = np.array([_number(r, k, "coordinate in mm") for k in ("com_r", "com_a", "com_s")])
+                ga = _number(r, "ga_weeks", "number of weeks") if r.get("ga_weeks") else None
+                protocol = _protocol(r.get("protocol")) or _navigator_flag(r.get("navigator"))
+            except ValueError as e:
+                errors.append(f"{where}: {e}")
+                continue
+            lines.setdefault(fid, []).append(line)
+            key = tuple(sorted(r.items()))
+            if fid in rows:
+                if raw_rows[fid] != key and fid not in conflicting:
+                    conflicting.append(fid)
+                continue
+            raw_rows[fid] = key
+            rows[fid] = dict(rotation_voxel=rotation_from_euler_csv(*angles).T, com_ras=com, fold=r.get("fold"),
+                             ga_weeks=ga, protocol=protocol)
+    if errors:
+        shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
+        raise ValueError(f"{path}: {len(errors)} bad row(s):\n  " + "\n  ".join(shown))
+    if conflicting:
+        detail = "; ".join(f"{fid!r} on lines {', '.join(map(str, lines[fid]))}" for fid in conflicting[:20])
+        raise ValueError(f"{path}: frame_id repeated with different values ({len(conflicting)} id(s)): {detail}. "
+                         "Keep one row per frame_id.")
+    repeated = [fid for fid, ls in lines.items() if len(ls) > 1]
+    if repeated:
+        msg = (f"{path}: {len(repeated)} frame_id(s) repeated with identical rows, each counted once: "
+               + "; ".join(f"{fid!r} on lines {', '.join(map(str, lines[fid]))}" for fid in repeated[:20]))
+        if warnings_out is None:
+            import warnings
+
+            warnings.warn(msg, stacklevel=2)
+        else:
+            warnings_out.append(msg)
     return rows
 
 
+def _matrix(d: dict, key: str, path) -> Optional[np.ndarray]:
+    if d.get(key) is None:
+        return None
+    try:
+        R = np.asarray(d[key], dtype=np.float64)
+    except (TypeError, ValueError):
+        R = None
+    if R is None or R.shape != (3, 3) or not np.all(np.isfinite(R)):
+        raise ValueError(f"{path}: {key!r} is not a finite 3x3 matrix")
+    return R
+
+
 def read_prediction(path) -> dict:
-    """``rotation_voxel`` (3x3) and ``translation_ras`` (3 or None) from an ``e3pose infer`` JSON."""
-    d = json.loads(Path(path).read_text())
-    if "rotation_voxel" not in d:
+    """``rotation_voxel`` (3x3), ``network_rotation_voxel`` (3x3 or None: the network's pose before refinement)
+    and ``translation_ras`` (3 or None) from an ``e3pose infer`` JSON."""
+    d = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(d, dict) or "rotation_voxel" not in d:
         raise ValueError(f"{path}: no 'rotation_voxel' key (not an e3pose infer result?)")
-    R = np.asarray(d["rotation_voxel"], dtype=np.float64)
-    if R.shape != (3, 3) or not np.all(np.isfinite(R)):
-        raise ValueError(f"{path}: 'rotation_voxel' is not a finite 3x3 matrix")
     t = d.get("translation_ras")
-    return dict(rotation_voxel=R, translation_ras=None if t is None else np.asarray(t, dtype=np.float64))
+    if t is not None:
+        t = np.asarray(t, dtype=np.float64)
+        if t.shape != (3,) or not np.all(np.isfinite(t)):
+            raise ValueError(f"{path}: 'translation_ras' is not a finite 3-vector")
+    return dict(rotation_voxel=_matrix(d, "rotation_voxel", path),
+                network_rotation_voxel=_matrix(d, "network_rotation_voxel", path), translation_ras=t)
 
 
 def evaluate_cases(predictions: Dict[str, Optional[dict]], truth: Dict[str, dict]) -> List[dict]:
-    """One row per ground-truth case: rotation error, per-axis errors, translation error, magnitude, bin, status."""
+    """One row per ground-truth case: rotation errors (final and, when given, network-only), per-axis errors,
+    translation error, magnitude, bin, subgroup fields, status."""
     out = []
     for fid, gt in truth.items():
         mag = float(rotation_magnitude_deg(gt["rotation_voxel"].T))
-        row = dict(frame_id=fid, gt_rotation_deg=mag, bin=bin_label(int(bin_index([mag])[0])), fold=gt.get("fold"))
+        row = dict(frame_id=fid, gt_rotation_deg=mag, bin=bin_label(int(bin_index([mag])[0])), fold=gt.get("fold"),
+                   protocol=gt.get("protocol"), ga_weeks=gt.get("ga_weeks"), rotation_error_deg=math.nan,
+                   err_ex_deg=math.nan, err_ey_deg=math.nan, err_ez_deg=math.nan, translation_error_mm=math.nan,
+                   network_rotation_error_deg=math.nan)
         pred = predictions.get(fid)
         if pred is None:
-            row.update(status="missing", rotation_error_deg=math.nan, err_ex_deg=math.nan, err_ey_deg=math.nan,
-                       err_ez_deg=math.nan, translation_error_mm=math.nan)
+            row["status"] = "missing"
         else:
             ax = axis_angles_deg(pred["rotation_voxel"], gt["rotation_voxel"])
-            terr = math.nan
             if gt["com_ras"] is not None and pred.get("translation_ras") is not None:
-                terr = float(np.linalg.norm(pred["translation_ras"] - gt["com_ras"]))
+                row["translation_error_mm"] = float(np.linalg.norm(pred["translation_ras"] - gt["com_ras"]))
+            if pred.get("network_rotation_voxel") is not None:
+                row["network_rotation_error_deg"] = float(geodesic_deg(pred["network_rotation_voxel"],
+                                                                       gt["rotation_voxel"]))
             row.update(status="ok", rotation_error_deg=float(geodesic_deg(pred["rotation_voxel"], gt["rotation_voxel"])),
-                       err_ex_deg=float(ax[0]), err_ey_deg=float(ax[1]), err_ez_deg=float(ax[2]),
-                       translation_error_mm=terr)
+                       err_ex_deg=float(ax[0]), err_ey_deg=float(ax[1]), err_ez_deg=float(ax[2]))
         out.append(row)
     return out
 
 
+def subgroups(cases: List[dict]) -> Dict[str, List[dict]]:
+    """Cases per subgroup: each protocol (standard, navigator, others as named) and gestational age below / from
+    25 weeks; a subgroup appears only when some case has the field."""
+    groups: Dict[str, List[dict]] = {}
+    names = sorted({c["protocol"] for c in cases if c.get("protocol")},
+                   key=lambda n: ({"standard": 0, "navigator": 1}.get(n, 2), n))
+    for n in names:
+        groups[n] = [c for c in cases if c.get("protocol") == n]
+    if any(c.get("ga_weeks") is not None for c in cases):
+        groups[f"ga_lt_{GA_SPLIT_WEEKS:g}"] = [c for c in cases if c.get("ga_weeks") is not None
+                                               and c["ga_weeks"] < GA_SPLIT_WEEKS]
+        groups[f"ga_ge_{GA_SPLIT_WEEKS:g}"] = [c for c in cases if c.get("ga_weeks") is not None
+                                               and c["ga_weeks"] >= GA_SPLIT_WEEKS]
+    return groups
+
+
+def group_summary(cases: List[dict]) -> dict:
+    """The statistics reported for every group (all cases and each subgroup).
+
+    ``rotation_error_deg``: the final pose; ``network_rotation_error_deg`` (None when no prediction has
+    ``network_rotation_voxel``): the network alone; ``refinement``: how many cases the final pose made worse than
+    the network by more than 2 degrees among those whose network pose was within 10 degrees. Missing predictions
+    count as failures in every rate.
+    """
+    ok = [c for c in cases if c["status"] == "ok"]
+    n_missing = len(cases) - len(ok)
+    rot = summarise([c["rotation_error_deg"] for c in ok], n_missing=n_missing)
+    terrs = [c["translation_error_mm"] for c in ok if np.isfinite(c["translation_error_mm"])]
+    trans = summarise(terrs, n_missing=n_missing, thresholds=(5.0, 10.0), failure_above=None,
+                      share_above=()) if terrs else None
+    both = [c for c in ok if np.isfinite(c.get("network_rotation_error_deg", math.nan))]
+    net = refine = None
+    if both:
+        net = summarise([c["network_rotation_error_deg"] for c in both], n_missing=n_missing)
+        near = [c for c in both if c["network_rotation_error_deg"] <= REFINE_WITHIN_DEG]
+        worse = [c["frame_id"] for c in near
+                 if c["rotation_error_deg"] > c["network_rotation_error_deg"] + REFINE_WORSE_DEG]
+        refine = dict(n_compared=len(both), n_without_network_pose=len(ok) - len(both),
+                      within_deg=REFINE_WITHIN_DEG, worse_by_deg=REFINE_WORSE_DEG,
+                      n_network_within=len(near), n_worse=len(worse), worse=worse)
+    return dict(n_cases=len(cases), n_missing=n_missing, rotation_error_deg=rot, network_rotation_error_deg=net,
+                refinement=refine, translation_error_mm=trans)
+
+
 def summary(cases: List[dict]) -> dict:
-    """Overall and per-bin summaries of ``evaluate_cases`` rows."""
+    """``group_summary`` of all cases, the missing ids, per-bin summaries and ``by_subgroup``."""
     ok = [c for c in cases if c["status"] == "ok"]
     missing = [c for c in cases if c["status"] != "ok"]
-    rot = summarise([c["rotation_error_deg"] for c in ok], n_missing=len(missing))
-    terrs = [c["translation_error_mm"] for c in ok if np.isfinite(c["translation_error_mm"])]
-    trans = summarise(terrs, n_missing=len(missing), thresholds=(5.0, 10.0)) if terrs else None
-    bins = summarise_by_magnitude([c["gt_rotation_deg"] for c in ok], [c["rotation_error_deg"] for c in ok],
-                                  [c["gt_rotation_deg"] for c in missing])
-    return dict(n_cases=len(cases), n_missing=len(missing), missing=[c["frame_id"] for c in missing],
-                rotation_error_deg=rot, translation_error_mm=trans,
-                translation_note=None if trans else "no translation error: the CSV has no com_r, com_a, com_s "
-                                                    "columns or the predictions no translation_ras",
-                by_rotation_magnitude=bins)
+    s = group_summary(cases)
+    s["missing"] = [c["frame_id"] for c in missing]
+    s["translation_note"] = None if s["translation_error_mm"] else (
+        "no translation error: the CSV has no com_r, com_a, com_s columns or the predictions no translation_ras")
+    s["by_rotation_magnitude"] = summarise_by_magnitude(
+        [c["gt_rotation_deg"] for c in ok], [c["rotation_error_deg"] for c in ok],
+        [c["gt_rotation_deg"] for c in missing])
+    s["by_subgroup"] = {name: group_summary(group) for name, group in subgroups(cases).items()}
+    return s

@@ -6,6 +6,7 @@ the functions here, so a sign or transpose error can only live in one file.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,27 @@ def apply(m: np.ndarray, points: np.ndarray) -> np.ndarray:
     return p @ m[:3, :3].T + m[:3, 3]
 
 
+def canonical_to_voxel(canonical_to_world: np.ndarray, ijk_to_ras: np.ndarray, rotation_voxel=None) -> np.ndarray:
+    """The published default output: canonical coordinates -> input voxel indices (i, j, k).
+
+    As upstream: rotation = the rotation in the voxel-axis frame (``rot_img``, not scaled by the voxel size),
+    translation = the canonical origin as a fractional voxel index; for anisotropic voxels the canonical unit is one
+    voxel step, not a millimetre. ``rotation_voxel`` is used as given when known (the pipeline's, exactly as
+    upstream); otherwise it is derived from the world rotation: with D the direction cosines of the grid,
+    R_world = D @ R_vox @ diag(det D, 1, 1), so R_vox = D.T @ R_world @ diag(det D, 1, 1) (see CONTRACTS.md).
+    """
+    pose = np.asarray(canonical_to_world, dtype=np.float64)
+    g = np.asarray(ijk_to_ras, dtype=np.float64)
+    if rotation_voxel is None:
+        d = direction_cosines(g)
+        u, _, vt = np.linalg.svd(pose[:3, :3])  # an edited matrix may carry round-off
+        rotation_voxel = d.T @ (u @ vt) @ np.diag([np.sign(np.linalg.det(d)), 1.0, 1.0])
+    out = np.eye(4)
+    out[:3, :3] = rotation_voxel
+    out[:3, 3] = (np.linalg.inv(g) @ np.append(pose[:3, 3], 1.0))[:3]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------- SimpleITK
 def sitk_geometry(ijk_to_ras: np.ndarray):
     """(origin, spacing, direction) of a SimpleITK image on this grid, in ITK's LPS, as torchio derives them.
@@ -132,15 +154,16 @@ def ijk_to_ras_from_sitk(image) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------------- ITK files
-def write_itk_transform(path, to_parent_ras: np.ndarray) -> Path:
+def write_itk_transform(path, to_parent_ras: np.ndarray, atomic: bool = True) -> Path:
     """Write a linear transform file (.tfm/.txt/.h5/.mat) that 3D Slicer loads with ToParent == ``to_parent_ras``.
 
     ITK files hold the resampling direction (FromParent) in LPS, so the stored affine is F @ inv(T) @ F with
-    F = LPS_FROM_RAS. Written atomically: a reader never sees half a file.
+    F = LPS_FROM_RAS. Written atomically (a reader never sees half a file) unless ``atomic=False`` (for a
+    temporary that ``atomic.atomic_paths`` renames). Any file name works, also one that is not valid UTF-8.
     """
     import SimpleITK as sitk
 
-    from .atomic import atomic_path
+    from .atomic import atomic_path, native_path
 
     path = Path(path)
     t = np.asarray(to_parent_ras, dtype=np.float64)
@@ -152,8 +175,9 @@ def write_itk_transform(path, to_parent_ras: np.ndarray) -> Path:
     tx.SetMatrix(from_parent_lps[:3, :3].ravel().tolist())
     tx.SetTranslation(from_parent_lps[:3, 3].tolist())
     tx.SetCenter((0.0, 0.0, 0.0))
-    with atomic_path(path) as tmp:
-        sitk.WriteTransform(tx, str(tmp))
+    with atomic_path(path) if atomic else contextlib.nullcontext(path) as tmp:
+        with native_path(tmp) as native:
+            sitk.WriteTransform(tx, native)
     return path
 
 
@@ -165,11 +189,14 @@ def read_itk_transform(path) -> np.ndarray:
     """
     import SimpleITK as sitk
 
+    from .atomic import native_path
+
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "transform file not found")
     try:
-        tx = sitk.ReadTransform(str(path))
+        with native_path(path, write=False) as native:
+            tx = sitk.ReadTransform(native)
     except RuntimeError as e:
         raise InputError(path, f"not a readable ITK transform file ({_first_line(e)})") from None
     probe = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [17.0, -31.0, 53.0], [-211.0, 97.0, -13.0]])

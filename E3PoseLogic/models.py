@@ -23,6 +23,7 @@ class ModelSpec:
     unet: Optional[Path]
     e3cnn: Optional[Path]
     card: dict = field(default_factory=dict)
+    refiner: Optional[Path] = None  # the refinement network (``refine``), when the model has one
 
     @property
     def random_weights(self):
@@ -49,7 +50,8 @@ def available_models():
             unet, e3 = d / "unet.pt", d / "e3cnn.pt"
             if unet.is_file() and e3.is_file():
                 card = json.loads((d / "model_card.json").read_text()) if (d / "model_card.json").is_file() else {}
-                out.append(ModelSpec(d.name, unet, e3, card))
+                ref = d / "refiner.pt"
+                out.append(ModelSpec(d.name, unet, e3, card, ref if ref.is_file() else None))
     return out
 
 

@@ -18,33 +18,50 @@ from .crop import crop_for_e3cnn
 from .errors import E3PoseError
 from .preprocess import map_unet_mask_to_input, resample_to_grid, unet_input
 from .result import PoseResult
-from .rotation import axes_to_rotation, world_rotation
+from .refine import check_refine, refine_pose
+from .rotation import axes_to_rotation, voxel_rotation, world_rotation
 from .segmentation import DEFAULT_THRESHOLDS, brain_and_eyes, check_mask, softmax
 
-STAGES = ("preprocess", "segmentation", "crop", "rotation", "output")
+STAGES = ("preprocess", "segmentation", "crop", "rotation", "refine", "output")
 
 
 class Cancelled(E3PoseError):
     """The caller asked to stop (Slicer's Cancel button, Ctrl-C in a worker)."""
 
 
-def resolve_device(device="auto"):
+def resolve_device(device="auto", local_rank=None):
+    """``torch.device`` for a user's choice: "auto" (a CUDA GPU if there is one, else the CPU), "cpu", "cuda"
+    (alias "gpu"), "cuda:N", or a ``torch.device``. ``local_rank`` (distributed training) picks the GPU index for a
+    bare "cuda"/"gpu"/"auto". An impossible choice raises ``E3PoseError`` with a message a user can act on.
+    The one device resolver of the package (inference, benchmark and training use it)."""
     import torch
 
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "gpu":
-        device = "cuda"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise E3PoseError("device 'cuda' was asked for but no CUDA GPU is available (use --device cpu)")
-    return torch.device(device)
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "gpu" or name.startswith("gpu:"):
+        name = "cuda" + name[3:]
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise E3PoseError(f"device '{device}' was asked for but no CUDA GPU is available (use --device cpu)")
+        if name == "cuda" and local_rank is not None:
+            name = f"cuda:{int(local_rank)}"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise E3PoseError(f"unknown device '{device}' (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise E3PoseError(f"device '{device}': there is no GPU {dev.index} ({torch.cuda.device_count()} found)")
+    if dev.type not in ("cpu", "cuda"):
+        raise E3PoseError(f"device '{device}' is not supported (use auto, cpu, cuda or cuda:N)")
+    return dev
 
 
 class Pipeline:
     """Holds the two loaded networks; ``run`` estimates one pose. Reuse one Pipeline for a batch."""
 
     def __init__(self, unet, e3cnn, unet_info=None, e3cnn_info=None, device="auto",
-                 thresholds=DEFAULT_THRESHOLDS):
+                 thresholds=DEFAULT_THRESHOLDS, refiner=None, refiner_info=None):
         import torch
 
         self.device = resolve_device(device)
@@ -56,13 +73,21 @@ class Pipeline:
         self.thresholds = tuple(thresholds)
         self.unet_size = getattr(getattr(unet, "config", None), "input_size", 128)
         self.unet_spacing = getattr(getattr(unet, "config", None), "spacing_mm", 3.0)
+        # the refinement network runs on the CPU: it is a few milliseconds, and the plane search is numpy anyway
+        self.refiner = refiner.eval() if refiner is not None else None
+        self.refiner_info = dict(refiner_info or {})
 
     @classmethod
-    def from_files(cls, unet_path=None, e3cnn_path=None, device="auto", allow_pickle=False):
-        """Load the networks; ``None`` means the bundled default model (see ``models``)."""
-        from . import models
-        from .checkpoints import load_e3cnn, load_unet
+    def from_files(cls, unet_path=None, e3cnn_path=None, device="auto", allow_pickle=False, refiner_path=None):
+        """Load the networks; ``None`` means the bundled default model (see ``models``).
 
+        The refinement network comes from ``refiner_path``, else from the bundled model when its E3-CNN is used;
+        published checkpoints have none (then ``run`` skips the refinement and says so).
+        """
+        from . import models
+        from .checkpoints import load_e3cnn, load_refiner, load_unet
+
+        refiner, refiner_info = None, None
         if unet_path is None or e3cnn_path is None:
             default = models.default_model()
             if default.random_weights:
@@ -72,14 +97,19 @@ class Pipeline:
                 e3cnn, e3cnn_info = load_e3cnn(default.e3cnn)
                 for info in (unet_info, e3cnn_info):
                     info.update(model=default.label, warning=default.warning)
+                if e3cnn_path is None and default.refiner is not None:
+                    refiner, refiner_info = load_refiner(default.refiner)
+                    refiner_info.update(model=default.label, warning=default.warning)
             if unet_path is not None:
                 unet, unet_info = load_unet(unet_path, allow_pickle)
             if e3cnn_path is not None:
                 e3cnn, e3cnn_info = load_e3cnn(e3cnn_path, allow_pickle)
-            return cls(unet, e3cnn, unet_info, e3cnn_info, device)
-        unet, unet_info = load_unet(unet_path, allow_pickle)
-        e3cnn, e3cnn_info = load_e3cnn(e3cnn_path, allow_pickle)
-        return cls(unet, e3cnn, unet_info, e3cnn_info, device)
+        else:
+            unet, unet_info = load_unet(unet_path, allow_pickle)
+            e3cnn, e3cnn_info = load_e3cnn(e3cnn_path, allow_pickle)
+        if refiner_path is not None:
+            refiner, refiner_info = load_refiner(refiner_path)
+        return cls(unet, e3cnn, unet_info, e3cnn_info, device, refiner=refiner, refiner_info=refiner_info)
 
     @property
     def warnings(self):
@@ -113,13 +143,18 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------ run
     def run(self, array_ijk, ijk_to_ras, mask=None, source=None,
             progress: Optional[Callable[[str, float], None]] = None,
-            cancel: Optional[Callable[[], bool]] = None) -> PoseResult:
+            cancel: Optional[Callable[[], bool]] = None, refine: str = "auto") -> PoseResult:
         """Estimate the pose of the fetal head in one volume.
 
         array_ijk: 3D array in (i, j, k) order; ijk_to_ras: its 4x4 grid; mask: optional brain mask on the same
         grid (skips the U-Net). ``source`` names the input in error messages. ``progress(stage, fraction)`` is
-        called as stages finish; ``cancel()`` returning True stops at the next stage boundary.
+        called as stages finish; ``cancel()`` returning True stops at the next stage boundary. ``refine``: "auto"
+        (refine when the model has a refinement network), "on" (error if it has none) or "off".
         """
+        refine = check_refine(refine)
+        if refine == "on" and self.refiner is None:
+            raise E3PoseError("refinement was asked for (refine on) but this model has no refinement network "
+                              "(published checkpoints have none; give one with --refiner, or use --refine auto)")
         timings = {}
         clock = _Clock(timings)
         array = np.asarray(array_ijk)
@@ -158,6 +193,19 @@ class Pipeline:
             axes = self.network_axes(x_crop)
             rot_voxel, rot_info = axes_to_rotation(*axes)
             rotation = world_rotation(rot_voxel, frames.direction_cosines(affine))
+        network = dict(rotation=rotation, translation=translation, rotation_voxel=rot_voxel)
+        if refine != "off" and self.refiner is not None:
+            step("refine", 0.7)
+            with clock("refine"):
+                brain_ml = volume_ml
+                ref = refine_pose(self.refiner, array, affine, translation, rotation, brain_ml,
+                                  move_centre=mask is None)
+                rotation, translation = ref.rotation, ref.translation
+                rot_voxel = voxel_rotation(rotation, frames.direction_cosines(affine))
+                refinement = dict(applied=True, **ref.info)
+        else:
+            refinement = {"applied": False, "reason": "turned off (refine off)" if refine == "off" else
+                          "this model has no refinement network (published checkpoints have none)"}
         step("output", 0.95)
         with clock("output"):
             brain_in = np.asarray(mask, np.uint8) if mask is not None else \
@@ -174,14 +222,17 @@ class Pipeline:
             # a and b are means of per-voxel unit vectors: a norm near 1 means the voxels agree
             "vector_a_agreement": float(np.linalg.norm(axes[1])),
             "vector_b_agreement": float(np.linalg.norm(axes[2])),
+            "refinement": refinement,
         }
         return PoseResult(
             rotation=rotation, translation=translation, brain_mask=brain_in, eye_mask=eyes_in,
             ijk_to_ras=affine, rotation_voxel=rot_voxel, crop=x_crop,
             crop_info={**box.to_dict(), "unet_ijk_to_ras": unet_affine.tolist(), "com_unet_voxel": com_unet.tolist()},
-            network_axes=axes, confidence=confidence, timings=timings,
+            network_axes=axes, confidence=confidence, timings=timings, network_rotation=network["rotation"],
+            network_translation=network["translation"], network_rotation_voxel=network["rotation_voxel"],
             provenance={"e3pose_version": __version__, "device": str(self.device), "mask_source": mask_source,
                         "unet": dict(self.unet_info), "e3cnn": dict(self.e3cnn_info),
+                        "refiner": dict(self.refiner_info) if self.refiner is not None else None,
                         "trained": self.is_trained},
         )
 

@@ -183,7 +183,7 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .mrml.export import atomic_path
+    from .atomic import atomic_path
     from .mrml.nodes import volume_from_array, write_pose
     from .mrml.scene_app import create_headless_app
 
@@ -213,6 +213,12 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
         ax.axis("off")
     conf = getattr(result, "confidence", {}) or {}
     extra = ", ".join(f"{k} {v:.3g}" for k, v in list(conf.items())[:3] if isinstance(v, (int, float)))
+    ref = conf.get("refinement") if isinstance(conf.get("refinement"), dict) else {}
+    if ref.get("applied"):  # the axes drawn are the refined pose: say so, and how far it moved from the E3-CNN's
+        extra += f"; refined axes (moved {ref.get('angle_moved_deg', float('nan')):.0f} deg from the E3-CNN, " \
+                 f"{ref.get('hypothesis', '?')} plane)"
+    elif ref:
+        extra += "; E3-CNN axes (not refined)"
     head = (title or "E3Pose QC") + (f"   [{extra}]" if extra else "")
     fig.suptitle(head + "   axes: x red (L-R), y green (P->A), z blue (S->I)", fontsize=10)
     fig.tight_layout()
@@ -231,7 +237,7 @@ def contact_sheet(pngs: List[Path], out_png, out_html=None, columns: int = 2, ti
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
 
-    from .mrml.export import atomic_path
+    from .atomic import atomic_path
 
     pngs = [Path(p) for p in pngs]
     titles = titles or [p.stem for p in pngs]

@@ -40,6 +40,10 @@ class PoseResult:
     confidence: Dict[str, float] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
     provenance: Dict = field(default_factory=dict)
+    # the E3-CNN's own pose, before refinement (equal to rotation/translation when the refinement did not run)
+    network_rotation: Optional[np.ndarray] = None
+    network_translation: Optional[np.ndarray] = None
+    network_rotation_voxel: Optional[np.ndarray] = None
 
     @property
     def canonical_to_world(self) -> np.ndarray:
@@ -62,8 +66,8 @@ class PoseResult:
 
         As upstream: rotation = ``rotation_voxel`` (not scaled by the voxel size), translation = the centre of mass as
         a fractional voxel index. For anisotropic voxels the canonical unit is one voxel step, not a millimetre.
+        Without ``rotation_voxel`` it is derived from the world rotation (``frames.canonical_to_voxel``).
         """
-        m = np.eye(4)
-        m[:3, :3] = self.rotation_voxel if self.rotation_voxel is not None else self.rotation
-        m[:3, 3] = (np.linalg.inv(self.ijk_to_ras) @ np.append(self.translation, 1.0))[:3]
-        return m
+        from .frames import canonical_to_voxel
+
+        return canonical_to_voxel(self.canonical_to_world, self.ijk_to_ras, self.rotation_voxel)

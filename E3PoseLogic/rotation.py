@@ -62,6 +62,13 @@ def world_rotation(rotation_voxel, direction):
     return u @ vt
 
 
+def voxel_rotation(rotation, direction):
+    """Inverse of ``world_rotation``: a proper world rotation -> the voxel-axis frame (upstream ``rot_img``)."""
+    d = np.asarray(direction, dtype=np.float64)
+    flip = np.diag([np.sign(np.linalg.det(d)), 1.0, 1.0])
+    return d.T @ np.asarray(rotation, dtype=np.float64) @ flip
+
+
 def axes_to_rotation_torch(p, a, b):
     """Batched torch version for training: inputs [B, 3] -> [B, 3, 3] proper rotations (differentiable)."""
     import torch

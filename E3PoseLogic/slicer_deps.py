@@ -115,10 +115,11 @@ class DependencyInstaller:
         return ("E3Pose needs these Python packages, which are not installed yet "
                 f"({DOWNLOAD_NOTE}). Install them now?")
 
-    def ensure(self, ask: bool = True) -> List[Step]:
-        """Install what is missing (after confirmation when ``ask``); returns the steps done.
+    def ensure(self) -> List[Step]:
+        """Install what is missing, after the user confirmed (``Environment.confirm``); returns the steps done.
 
-        Raises DependencyError with a message the user can act on.
+        There is no way to skip the question: tests and scripts answer it by passing an Environment whose
+        ``confirm`` says yes. Raises DependencyError with a message the user can act on.
         """
         steps = self.plan()
         if not steps:
@@ -131,7 +132,7 @@ class DependencyInstaller:
                 "Connect and retry, or install from wheel files you copied here: in Slicer's Python console run "
                 "slicer.util.pip_install('--no-index --find-links=/path/to/wheels --no-deps e3nn') (and the same "
                 "for each package listed), with torch installed through the PyTorch extension first.")
-        if ask and not self.env.confirm(self.missing_message(steps), details):
+        if not self.env.confirm(self.missing_message(steps), details):
             raise DependencyError("Installation declined: E3Pose cannot run without " +
                                   ", ".join(s.distribution for s in steps) + ".")
         done = []

@@ -73,9 +73,30 @@ def _open(path: Path):
     if not hasattr(img, "affine") or img.affine is None:
         raise InputError(path, "the file has no voxel-to-world matrix")
     shape = tuple(int(s) for s in img.shape)
+    _check_scalar(path, img, shape)
     while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1): a 3D volume stored as a one-frame series
         shape = shape[:-1]
     return img, shape
+
+
+SCALAR_NEEDED = ("E3Pose needs a scalar 3D volume (one intensity per voxel): convert it to a single-channel "
+                 "(greyscale) image first")
+
+
+def _check_scalar(path: Path, img, shape) -> None:
+    """Refuse colour (RGB/RGBA) and vector images by name, before their data is read."""
+    try:
+        dtype = img.get_data_dtype()
+    except Exception:
+        return
+    if dtype.fields:  # NIfTI RGB24 / RGBA32: one record of channels per voxel
+        channels = "".join(dtype.names)
+        kind = "an RGB colour image" if channels.upper() in ("RGB", "RGBA") else "a multi-channel image"
+        raise InputError(path, f"{kind} ({len(dtype.names)} channels {', '.join(dtype.names)} per voxel, shape "
+                               f"{shape}); {SCALAR_NEEDED}")
+    # NIfTI vectors: dimension 5 holds the components, dimension 4 (time) is 1
+    if len(shape) == 5 and shape[3] == 1 and shape[4] > 1:
+        raise InputError(path, f"a vector image ({shape[4]} components per voxel, shape {shape}); {SCALAR_NEEDED}")
 
 
 def _check_shape(path: Path, shape, what: str = "volume") -> None:
@@ -110,17 +131,28 @@ def _check_header_voxel_sizes(path: Path, img) -> None:
         raise InputError(path, f"voxel size is zero or negative in the header (pixdim {pixdim.tolist()})")
 
 
-def load_volume(path: PathLike) -> Tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI as (array (i, j, k) float32, IJK-to-RAS 4x4 float64), refusing inputs we cannot trust."""
+def load_volume(path: PathLike, labels: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI as (array (i, j, k) float32, IJK-to-RAS 4x4 float64), refusing inputs we cannot trust.
+
+    The one NIfTI reader of the package (the command line, training, QC and the MRML adapters use it).
+    ``labels=True`` reads a label map instead: integer values (int16, or int32 when they do not fit), finite, any
+    size, constant allowed (an empty label map is a label map).
+    """
     path = Path(path)
     img, shape = _open(path)
-    _check_shape(path, shape)
-    if min(shape) < MIN_DIM:
+    _check_shape(path, shape, what="label map" if labels else "volume")
+    if not labels and min(shape) < MIN_DIM:
         raise InputError(path, f"too small: shape {shape}, every dimension needs at least {MIN_DIM} voxels")
     _check_header_voxel_sizes(path, img)
     affine = np.array(img.affine, dtype=np.float64)
     frames.check_grid(affine, path)
     data = _read_data(path, img).reshape(shape)
+    if labels:
+        if not np.isfinite(data).all():
+            raise InputError(path, "the label map holds values that are not finite (NaN or infinity)")
+        data = np.rint(data)
+        fits = data.size == 0 or (data.min() >= np.iinfo(np.int16).min and data.max() <= np.iinfo(np.int16).max)
+        return data.astype(np.int16 if fits else np.int32), affine
     check_values(data, path)
     return data, affine
 
@@ -181,8 +213,10 @@ def load_mask(path: PathLike, ijk_to_ras_target: np.ndarray, shape_target) -> np
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
-def save_volume(path: PathLike, array_ijk: np.ndarray, ijk_to_ras: np.ndarray, dtype=np.float32) -> Path:
-    """Write a NIfTI (sform and qform both set, scanner frame) atomically."""
+def save_volume(path: PathLike, array_ijk: np.ndarray, ijk_to_ras: np.ndarray, dtype=np.float32,
+                atomic: bool = True) -> Path:
+    """Write a NIfTI (sform and qform both set, scanner frame) atomically (``atomic=False``: in place, for a
+    temporary that ``atomic.atomic_paths`` renames; the format then comes from the temporary's suffix)."""
     import nibabel as nib
 
     path = Path(path)
@@ -193,6 +227,9 @@ def save_volume(path: PathLike, array_ijk: np.ndarray, ijk_to_ras: np.ndarray, d
     img.header.set_sform(affine, code=1)
     img.header.set_qform(affine, code=1)
     img.header.set_xyzt_units("mm")
+    if not atomic:
+        img.to_filename(str(path))
+        return path
     with atomic_path(path) as tmp:
         img.to_filename(str(tmp))
     return path

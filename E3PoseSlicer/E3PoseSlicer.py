@@ -41,6 +41,8 @@ def _addLogicPackageToPath():
 LOGIC_PACKAGE_PARENT = _addLogicPackageToPath()
 
 SETTINGS_PREFIX = "E3Pose/"
+# parameters also remembered across restarts (QSettings); they fill a scene's parameter node only where unset
+REMEMBERED_PARAMETERS = ("modelSource", "unetPath", "e3cnnPath")
 
 
 #
@@ -59,8 +61,10 @@ class E3PoseSlicer(ScriptedLoadableModule):
             "and lets you check and correct the pose with interaction handles before exporting it. "
             "Not for clinical use. See the <a href='https://github.com/e3pose/SlicerE3Pose'>documentation</a>.")
         self.parent.acknowledgementText = _(
-            "E(3)-Pose: Moyer et al., 'Equivariant Filters for Efficient Tracking in 3D Imaging' (MICCAI 2021) and "
-            "the E3Pose fetal MRI work. Please cite them when you use this module.")
+            "The method is E(3)-Pose: Ramya Muthukrishnan, Borjan Gagoski, Aryn Lee, P. Ellen Grant, Elfar "
+            "Adalsteinsson, Polina Golland, Benjamin Billot, 'Equivariant Symmetry-Aware Head Pose Estimation for "
+            "Fetal MRI', arXiv:2512.04890 (2025). Please cite it when you use this module. E3Pose is an independent "
+            "re-implementation; the original code is at github.com/MedicalVisionGroup/E3-Pose.")
 
 
 #
@@ -68,13 +72,15 @@ class E3PoseSlicer(ScriptedLoadableModule):
 #
 @parameterNodeWrapper
 class E3PoseSlicerParameterNode:
-    """Saved with the scene. Model file paths are also remembered across restarts (QSettings, widget only)."""
+    """Saved with the scene. The model choice and file paths are also remembered across restarts (QSettings,
+    widget only); a value saved with the scene wins over the remembered one."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     modelSource: Annotated[str, Choice(["bundled", "local"])] = "bundled"
     unetPath: Path
     e3cnnPath: Path
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    refine: Annotated[str, Choice(["auto", "on", "off"])] = "auto"
     poseTransform: vtkMRMLLinearTransformNode
     segmentation: vtkMRMLSegmentationNode
     showAxes: bool = True
@@ -88,6 +94,12 @@ class E3PoseSlicerParameterNode:
 # Dependencies (the Slicer side of E3PoseLogic.slicer_deps.Environment)
 #
 class SlicerEnvironment:
+    """``confirm(message, details) -> bool`` asks before anything is installed: a dialog unless the caller's code
+    passes another callable (tests do). Testing mode changes nothing: nothing is ever installed unasked."""
+
+    def __init__(self, confirm=None):
+        self._confirm = confirm
+
     def installed_version(self, distribution):
         from E3PoseLogic.slicer_deps import installed_version
 
@@ -109,19 +121,23 @@ class SlicerEnvironment:
         return can_reach()
 
     def confirm(self, message, details):
-        if slicer.app.commandOptions().testingEnabled:
-            return True
-        return slicer.util.confirmOkCancelDisplay(message, _("Install dependencies"), detailedText=details)
+        if self._confirm is not None:
+            return bool(self._confirm(message, details))
+        return bool(slicer.util.confirmOkCancelDisplay(message, _("Install dependencies"), detailedText=details))
 
 
 #
 # Widget (GUI only)
 #
 class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """GUI only. ``logic`` (an E3PoseSlicerLogic or a stand-in with the same methods) and ``installer`` (an object
+    with ``ensure()``, see E3PoseLogic.slicer_deps) are injected; Slicer passes neither and gets the real
+    ones."""
+
     def __init__(self, parent=None, logic=None, installer=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = logic  # injectable (tests); default made in setup()
+        self.logic = logic  # default made in setup()
         self.installer = installer
         self._parameterNode = None
         self._parameterNodeGuiTag = None
@@ -144,6 +160,7 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from E3PoseLogic.models import default_model
 
         self.ui.bundledModelInfoLabel.text = _("bundled: ") + default_model().label
+        self._restrictPoseSelector()
 
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
@@ -163,6 +180,12 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.e3cnnPathLineEdit.connect("currentPathChanged(QString)", lambda p: self._saveSetting("e3cnnPath", p))
         self.ui.progressBar.setVisible(False)
         self.initializeParameterNode()
+
+    def _restrictPoseSelector(self):
+        """Offer only the "<volume> pose" transforms E3Pose wrote (not its reorient helpers, not other modules')."""
+        from E3PoseLogic.mrml.nodes import ATTR_ROLE
+
+        self.ui.poseTransformSelector.addAttribute("vtkMRMLLinearTransformNode", ATTR_ROLE, "pose")
 
     def cleanup(self):
         self.removeObservers()
@@ -187,19 +210,18 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -------------------------------------------------------------------------------------------- parameters
     def initializeParameterNode(self):
-        self.setParameterNode(self.logic.getParameterNode())
+        # the user's remembered choices fill only what the scene's parameter node has not saved: a scene that
+        # was saved with "bundled" (or its own weights files) opens as it was saved
+        settings = qt.QSettings()
+        remembered = {}
+        for name in REMEMBERED_PARAMETERS:
+            value = settings.value(SETTINGS_PREFIX + name, "")
+            if value:
+                remembered[name] = str(value)
+        self.setParameterNode(self.logic.getParameterNode(defaults=remembered))
         p = self._parameterNode
         if not p.inputVolume:
             p.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-        settings = qt.QSettings()
-        for name in ("unetPath", "e3cnnPath"):
-            if not str(getattr(p, name)) or str(getattr(p, name)) == ".":
-                saved = settings.value(SETTINGS_PREFIX + name, "")
-                if saved:
-                    setattr(p, name, Path(saved))
-        saved = settings.value(SETTINGS_PREFIX + "modelSource", "")
-        if saved in ("bundled", "local"):
-            p.modelSource = saved
 
     def _saveSetting(self, name, value):
         qt.QSettings().setValue(SETTINGS_PREFIX + name, str(value))
@@ -232,16 +254,25 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.toolTip = problem or _("Estimate the head pose")
             self.ui.applyButton.enabled = problem is None
         hasPose = bool(p.poseTransform)
+        poseProblem = self.logic.poseProblem(p.poseTransform) if hasPose else None
+        usable = hasPose and poseProblem is None
         for w in (self.ui.showAxesCheckBox, self.ui.showHandlesCheckBox, self.ui.reorientCheckBox,
                   self.ui.resetPoseButton, self.ui.exportButton):
-            w.enabled = hasPose and not running
-        self.ui.editedLabel.text = (_("edited by hand") if hasPose and self.logic.isEdited(p.poseTransform)
-                                    else (_("as estimated") if hasPose else ""))
+            w.enabled = usable and not running
+        if poseProblem:
+            self.ui.editedLabel.text = poseProblem
+        elif usable:
+            self.ui.editedLabel.text = _("edited by hand") if self.logic.isEdited(p.poseTransform) \
+                else _("as estimated")
+        else:
+            self.ui.editedLabel.text = ""
+        self.ui.refinementLabel.text = self.logic.refinementText(p.poseTransform) if usable else ""
 
     # -------------------------------------------------------------------------------------------- actions
     def onApplyButton(self):
         if self.logic.isRunning():
             self.logic.cancel()
+            self.logic.finishProcessing()  # cancelled: nothing is written, the temporary files go
             self._log(_("Cancelled."))
             self._finishRun()
             return
@@ -252,7 +283,8 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self._ensureDependencies():
                 return
             unet, e3cnn = (p.unetPath, p.e3cnnPath) if p.modelSource == "local" else (None, None)
-            self.logic.startProcessing(p.inputVolume, unetPath=unet, e3cnnPath=e3cnn, device=p.device)
+            self.logic.startProcessing(p.inputVolume, unetPath=unet, e3cnnPath=e3cnn, device=p.device,
+                                       refine=p.refine)
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.value = 0
             self._timer.start()
@@ -294,7 +326,9 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setHandlesVisible(nodes.transform, p.showHandles)
         self.logic.observePose(nodes.transform, lambda node: self._updateGui())
         slicer.util.setSliceViewerLayers(background=p.inputVolume, fit=True)
-        self._log(_("Done: ") + nodes.transform.GetName())
+        refinement = self.logic.refinementText(nodes.transform)
+        self._log(_("Done: ") + nodes.transform.GetName() + (f" ({refinement})" if refinement else ""))
+        self._updateGui()
 
     def _finishRun(self):
         self._timer.stop()
@@ -305,7 +339,7 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from E3PoseLogic.slicer_deps import DependencyError
 
         try:
-            done = self.installer.ensure(ask=True)
+            done = self.installer.ensure()
         except DependencyError as exc:
             slicer.util.errorDisplay(str(exc))
             return False
@@ -317,33 +351,61 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Installing dependencies failed."), waitCursor=True):
             self._ensureDependencies()
 
+    def _usablePose(self):
+        """The pose transform of the parameter node, or None; a transform E3Pose cannot work on is reported (a
+        message, not an exception out of a Qt slot)."""
+        p = self._parameterNode
+        if not (p and p.poseTransform):
+            return None
+        problem = self.logic.poseProblem(p.poseTransform)
+        if problem:
+            self._reportPoseProblem(problem)
+            return None
+        return p.poseTransform
+
+    def _reportPoseProblem(self, message):
+        self._log(message)
+        slicer.util.errorDisplay(message)
+
+    def _poseAction(self, action, *args):
+        transform = self._usablePose()
+        if transform is None:
+            return None
+        try:
+            return action(transform, *args)
+        except ValueError as exc:  # the pose's nodes changed under us (e.g. its volume was just removed)
+            self._reportPoseProblem(str(exc))
+            return None
+
     def onShowAxes(self, on):
-        if self._parameterNode and self._parameterNode.poseTransform:
-            self.logic.setAxesVisible(self._parameterNode.poseTransform, on)
+        self._poseAction(self.logic.setAxesVisible, on)
 
     def onShowHandles(self, on):
-        if self._parameterNode and self._parameterNode.poseTransform:
-            self.logic.setHandlesVisible(self._parameterNode.poseTransform, on)
+        self._poseAction(self.logic.setHandlesVisible, on)
 
     def onReorient(self, on):
-        if self._parameterNode and self._parameterNode.poseTransform:
-            self.logic.setReoriented(self._parameterNode.poseTransform, on)
+        self._poseAction(self.logic.setReoriented, on)
 
     def onResetPose(self):
-        if self._parameterNode and self._parameterNode.poseTransform:
-            self.logic.resetPose(self._parameterNode.poseTransform)
+        self._poseAction(self.logic.resetPose)
 
     def onExport(self):
         p = self._parameterNode
+        if self._usablePose() is None:
+            return
         outdir = str(p.exportDirectory) if str(p.exportDirectory) not in ("", ".") else ""
         if not outdir:
             outdir = qt.QFileDialog.getExistingDirectory(None, _("Export the pose to"))
             if not outdir:
                 return
             p.exportDirectory = Path(outdir)
-        with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
-            written = self.logic.exportPose(p.poseTransform, outdir, mrb=p.exportScene)
+        written = self._poseAction(self._export, outdir, p.exportScene)
+        if written:
             self._log(_("Exported: ") + ", ".join(str(Path(x).name) for x in written.values()))
+
+    def _export(self, transform, outdir, mrb):
+        with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
+            return self.logic.exportPose(transform, outdir, mrb=mrb)
 
     def _log(self, text):
         self.ui.logTextEdit.appendPlainText(str(text))
@@ -356,19 +418,38 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
     """Scripted API. Examples (Slicer Python console)::
 
         logic = slicer.util.getModuleLogic("E3PoseSlicer")
-        nodes = logic.process(volumeNode)                            # waits; returns PoseNodes
+        nodes = logic.process(volumeNode)                            # waits; returns PoseNodes (None if cancelled)
+        nodes = logic.process(volumeNode, refine="off")              # network only (refine: auto | on | off)
         logic.processFiles(["a.nii.gz", "b.nii.gz"], "/out", device="cpu")   # batch, exports each
         logic.startProcessing(volumeNode); ...; logic.pollEvents(); logic.finishProcessing()   # no waiting
+
+    ``workerEntry`` is what follows the Python executable to start the background worker (default
+    ``-m E3PoseLogic.mrml.worker``). Only code that constructs the logic can change it: tests pass a script that
+    runs the worker's ``main`` with a stand-in pipeline.
     """
 
-    def __init__(self):
+    def __init__(self, workerEntry=None):
         ScriptedLoadableModuleLogic.__init__(self)
+        from E3PoseLogic.mrml.worker import MODULE_ENTRY
+
+        self.workerEntry = list(MODULE_ENTRY if workerEntry is None else workerEntry)
         self._worker = None
         self._job = None
         self._observers = {}
+        self._cancelRequested = False
 
-    def getParameterNode(self):
-        return E3PoseSlicerParameterNode(super().getParameterNode())
+    def getParameterNode(self, defaults=None):
+        """The module's parameter node in the scene. ``defaults`` ({name: value}) fill the parameters the scene's
+        node has not saved (new scene, or saved empty); a value saved with the scene is kept."""
+        raw = super().getParameterNode()
+        unset = [n for n in (defaults or {}) if not raw.HasParameter(n) or raw.GetParameter(n) in ("", ".")]
+        p = E3PoseSlicerParameterNode(raw)
+        for name in unset:
+            try:
+                setattr(p, name, type(getattr(p, name))(defaults[name]))
+            except (TypeError, ValueError) as exc:  # e.g. a remembered choice this version no longer offers
+                logging.warning("E3Pose: ignoring the remembered %s=%r (%s)", name, defaults[name], exc)
+        return p
 
     # -------------------------------------------------------------------------------------------- checks
     @staticmethod
@@ -381,6 +462,22 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
                     return _("Choose the {name} weights file (.ckpt, .pth or .pt).").format(name=name)
         return None
 
+    @staticmethod
+    def poseProblem(transformNode) -> Optional[str]:
+        """Why E3Pose cannot show, edit or export ``transformNode`` as a pose (None = it can)."""
+        from E3PoseLogic.mrml import nodes as N
+
+        if transformNode is None:
+            return _("No pose transform selected.")
+        name = transformNode.GetName()
+        if transformNode.GetAttribute(N.ATTR_ROLE) != "pose":
+            return _("'{t}' is not an E3Pose pose transform: choose a '<volume> pose' transform written by "
+                     "Apply.").format(t=name)
+        scene = transformNode.GetScene() or slicer.mrmlScene
+        if scene.GetNodeByID(transformNode.GetAttribute(N.ATTR_VOLUME) or "") is None:
+            return _("The volume of '{t}' is no longer in the scene.").format(t=name)
+        return None
+
     # -------------------------------------------------------------------------------------------- running
     @staticmethod
     def pythonExecutable():
@@ -390,28 +487,44 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
     def isRunning(self):
         return self._worker is not None and self._worker.running
 
-    def startProcessing(self, volumeNode, unetPath=None, e3cnnPath=None, device="auto"):
-        """Start the background process for one volume (returns at once; see pollEvents/finishProcessing)."""
+    def startProcessing(self, volumeNode, unetPath=None, e3cnnPath=None, device="auto", refine="auto"):
+        """Start the background process for one volume (returns at once; see pollEvents/finishProcessing).
+
+        ``refine``: the refinement after the network, ``auto`` (when the model has one), ``on`` or ``off``."""
         from E3PoseLogic.mrml.nodes import array_from_volume
-        from E3PoseLogic.mrml.worker import WorkerProcess, build_command, save_volume_npz, worker_env
+        from E3PoseLogic.mrml.worker import (
+            REFINE_CHOICES, WorkerProcess, build_command, save_volume_npz, worker_env,
+        )
 
         if self.isRunning():
             raise RuntimeError(_("E3Pose is already running."))
+        if refine not in REFINE_CHOICES:
+            raise ValueError(_("refine must be one of {c}, not {r!r}").format(c=", ".join(REFINE_CHOICES), r=refine))
+        if volumeNode is None:
+            raise ValueError(_("No input volume."))
         tmp = Path(tempfile.mkdtemp(prefix="E3Pose-", dir=slicer.app.temporaryPath))
-        arr, ijkToRas = array_from_volume(volumeNode)
-        save_volume_npz(tmp / "input.npz", arr, ijkToRas)
-        cmd = build_command(self.pythonExecutable(), tmp / "input.npz", tmp / "result.npz", device=device,
-                            unet=str(unetPath) if unetPath else None, e3cnn=str(e3cnnPath) if e3cnnPath else None,
-                            source=volumeNode.GetName())
-        logging.info("E3Pose: %s", " ".join(cmd))
-        self._worker = WorkerProcess(cmd, env=worker_env(LOGIC_PACKAGE_PARENT))
-        self._job = {"volumeID": volumeNode.GetID(), "tmp": tmp, "device": device}
+        try:
+            arr, ijkToRas = array_from_volume(volumeNode)
+            save_volume_npz(tmp / "input.npz", arr, ijkToRas)
+            cmd = build_command(self.pythonExecutable(), tmp / "input.npz", tmp / "result.npz", device=device,
+                                unet=str(unetPath) if unetPath else None,
+                                e3cnn=str(e3cnnPath) if e3cnnPath else None,
+                                source=volumeNode.GetName(), refine=refine, entry=self.workerEntry)
+            logging.info("E3Pose: %s", " ".join(cmd))
+            self._worker = WorkerProcess(cmd, env=worker_env(LOGIC_PACKAGE_PARENT))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._job = {"volumeID": volumeNode.GetID(), "volumeName": volumeNode.GetName(), "tmp": tmp,
+                     "device": device}
         return self._worker
 
     def pollEvents(self):
         return self._worker.poll() if self._worker is not None else []
 
     def cancel(self):
+        """Stop the running worker (and a running processFiles batch)."""
+        self._cancelRequested = True
         if self._worker is not None:
             self._worker.cancel()
 
@@ -435,13 +548,18 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
             result = load_result_npz(w.done_path)
             result.provenance.setdefault("device", job["device"])
             volume = slicer.mrmlScene.GetNodeByID(job["volumeID"])
+            if volume is None:
+                raise RuntimeError(_("The volume '{v}' was removed from the scene while E3Pose ran.").format(
+                    v=job["volumeName"]))
             return self.writeResult(volume, result)
         finally:
             shutil.rmtree(job["tmp"], ignore_errors=True)
 
-    def process(self, volumeNode, unetPath=None, e3cnnPath=None, device="auto", waitForCompletion=True):
-        """Estimate the pose of ``volumeNode``; with waitForCompletion returns PoseNodes, else the worker."""
-        worker = self.startProcessing(volumeNode, unetPath, e3cnnPath, device)
+    def process(self, volumeNode, unetPath=None, e3cnnPath=None, device="auto", waitForCompletion=True,
+                refine="auto"):
+        """Estimate the pose of ``volumeNode``; with waitForCompletion returns PoseNodes (None when cancelled),
+        else the worker. ``refine``: auto | on | off."""
+        worker = self.startProcessing(volumeNode, unetPath, e3cnnPath, device, refine=refine)
         if not waitForCompletion:
             return worker
         while worker.running:
@@ -451,13 +569,32 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
         return self.finishProcessing()
 
     def processFiles(self, paths: List[str], outputDirectory, unetPath=None, e3cnnPath=None, device="auto",
-                     exportScene=False):
-        """Batch: load each volume file, estimate, export into ``outputDirectory``; returns {path: written}."""
+                     exportScene=False, refine="auto", keepInScene=False):
+        """Batch: load each volume file, estimate, export into ``outputDirectory``; returns {path: written}.
+
+        Each volume and its pose nodes are removed from the scene once exported, unless ``keepInScene``. On
+        ``cancel()`` the batch stops: the volume in progress is removed and the files not in the result were not
+        processed. On an error the volume in progress is removed and the error raised.
+        """
         out = {}
+        self._cancelRequested = False
         for path in paths:
+            if self._cancelRequested:
+                break
             volume = slicer.util.loadVolume(str(path))
-            nodes = self.process(volume, unetPath, e3cnnPath, device)
-            out[str(path)] = self.exportPose(nodes.transform, outputDirectory, mrb=exportScene)
+            try:
+                nodes = self.process(volume, unetPath, e3cnnPath, device, refine=refine)
+                if nodes is not None:
+                    out[str(path)] = self.exportPose(nodes.transform, outputDirectory, mrb=exportScene)
+            except BaseException:
+                self.removeVolumeAndResults(volume)
+                raise
+            if nodes is None or not keepInScene:
+                self.removeVolumeAndResults(volume)
+            if nodes is None:
+                self._cancelRequested = True
+        if len(out) < len(paths):
+            logging.warning("E3Pose: batch cancelled; %d of %d files done", len(out), len(paths))
         return out
 
     # -------------------------------------------------------------------------------------------- scene
@@ -473,13 +610,53 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
         self.observePose(poseNodes.transform)
         return poseNodes
 
+    def removeVolumeAndResults(self, volumeNode):
+        """Remove ``volumeNode``, the pose nodes E3Pose wrote for it, and their display and storage nodes."""
+        from E3PoseLogic.mrml import nodes as N
+
+        scene = slicer.mrmlScene
+        removed = [volumeNode]
+        pn = N.find_pose_nodes(scene, volumeNode)
+        if pn is not None:
+            observer = self._observers.pop(pn.transform.GetID(), None)
+            if observer is not None:
+                observer.remove()
+            reorient = scene.GetNodeByID(pn.transform.GetAttribute(N.ATTR_REORIENT) or "")
+            removed = [volumeNode, pn.segmentation, *pn.axes, reorient, pn.transform]
+        for node in removed:
+            if node is None or node.GetScene() is None:
+                continue
+            helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
+                if node.IsA("vtkMRMLDisplayableNode") else []
+            if node.IsA("vtkMRMLStorableNode"):
+                helpers.append(node.GetStorageNode())
+            scene.RemoveNode(node)
+            for helper in helpers:
+                if helper is not None and helper.GetScene() is not None:
+                    scene.RemoveNode(helper)
+
+    def _checkPose(self, transformNode):
+        problem = self.poseProblem(transformNode)
+        if problem:
+            raise ValueError(problem)
+
     def _nodes(self, transformNode):
         from E3PoseLogic.mrml import nodes as N
 
-        volume = slicer.mrmlScene.GetNodeByID(transformNode.GetAttribute(N.ATTR_VOLUME) or "")
-        if volume is None:
-            raise ValueError(_("The volume of {t} is no longer in the scene.").format(t=transformNode.GetName()))
+        self._checkPose(transformNode)
+        volume = slicer.mrmlScene.GetNodeByID(transformNode.GetAttribute(N.ATTR_VOLUME))
         return N.find_pose_nodes(slicer.mrmlScene, volume)
+
+    def refinementText(self, transformNode):
+        """What the refinement did for this pose, e.g. "refined: moved 12°" ('' when not recorded)."""
+        from E3PoseLogic.mrml import nodes as N
+        from E3PoseLogic.mrml.worker import refinement_summary
+
+        try:
+            confidence = json.loads(transformNode.GetAttribute(N.ATTR_CONFIDENCE) or "{}")
+        except (AttributeError, ValueError):
+            return ""
+        return refinement_summary(confidence)
 
     def observePose(self, transformNode, onChange=None):
         from E3PoseLogic.mrml import nodes as N
@@ -502,6 +679,7 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
     def setHandlesVisible(self, transformNode, on):
         from E3PoseLogic.mrml import nodes as N
 
+        self._checkPose(transformNode)
         if transformNode.GetID() not in self._observers:
             self.observePose(transformNode)  # e.g. after loading a saved scene
         N.set_handles_visible(transformNode, on)
@@ -509,6 +687,7 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
     def setReoriented(self, transformNode, on):
         from E3PoseLogic.mrml import nodes as N
 
+        self._checkPose(transformNode)
         if transformNode.GetID() not in self._observers:
             self.observePose(transformNode)
         N.set_reoriented(self._nodes(transformNode), on)
@@ -516,6 +695,7 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
     def resetPose(self, transformNode):
         from E3PoseLogic.mrml import nodes as N
 
+        self._checkPose(transformNode)
         N.reset_to_estimate(transformNode)
 
     def exportPose(self, transformNode, outputDirectory, mrb=False):
@@ -568,6 +748,11 @@ class E3PoseSlicerTest(ScriptedLoadableModuleTest):
         logic = E3PoseSlicerLogic()
         pn = logic.writeResult(volume, result)
         self.assertEqual(pn.transform.GetName(), "synthetic pose")
+        self.assertIsNone(logic.poseProblem(pn.transform))
+        other = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "not a pose")
+        self.assertIn("not an E3Pose pose", logic.poseProblem(other))
+        with self.assertRaises(ValueError):
+            logic.setReoriented(other, True)
         self.assertFalse(logic.isEdited(pn.transform))
         edited = N.to_parent(pn.transform)
         edited[:3, 3] += 4.0

@@ -161,6 +161,48 @@ def test_rigid_inverse_and_apply():
         frames.rigid_inverse(POSE_SCALED)
 
 
+def test_canonical_to_voxel_one_implementation():
+    """PoseResult, the Slicer export and the command line share ``frames.canonical_to_voxel``; without a voxel-frame
+    rotation the PoseResult form is derived from the world rotation (it used to fall back to the world rotation
+    itself, wrong on any oblique or mirrored grid; issue 9, section 4)."""
+    from E3PoseLogic.mrml import export
+    from E3PoseLogic.result import PoseResult
+
+    assert export.canonical_to_voxel is frames.canonical_to_voxel
+    for grid in (OBLIQUE, MIRRORED):
+        d = frames.direction_cosines(grid)
+        flip = np.diag([np.sign(np.linalg.det(d)), 1.0, 1.0])
+        r_vox = d.T @ POSE[:3, :3] @ flip
+        with_vox = PoseResult(rotation=POSE[:3, :3], translation=POSE[:3, 3], brain_mask=None, ijk_to_ras=grid,
+                              rotation_voxel=r_vox)
+        without = PoseResult(rotation=POSE[:3, :3], translation=POSE[:3, 3], brain_mask=None, ijk_to_ras=grid)
+        np.testing.assert_allclose(without.canonical_to_voxel(), with_vox.canonical_to_voxel(), atol=1e-12)
+        assert np.array_equal(with_vox.canonical_to_voxel()[:3, :3], r_vox)  # as given: the published .npy
+        np.testing.assert_allclose(with_vox.canonical_to_voxel()[:3, 3],
+                                   np.linalg.solve(grid, np.append(POSE[:3, 3], 1.0))[:3], atol=1e-9)
+
+
+def test_one_implementation_each():
+    """Helpers that existed twice with different behaviour now exist once (issue 9, section 4)."""
+    from E3PoseLogic import atomic, augment, preprocess, volume_io
+    from E3PoseLogic.mrml import export, nodes
+
+    assert export.atomic_path is atomic.atomic_path  # fsyncs before the rename
+    assert nodes.rigid_inverse is export.rigid_inverse is frames.rigid_inverse
+    assert augment.minmax is preprocess.minmax  # torchio's: a constant image is returned unchanged
+    assert nodes.load_volume.__module__ == "E3PoseLogic.mrml.nodes"  # a scene adapter over volume_io's reader
+    assert "read_volume(path" in __import__("inspect").getsource(nodes.load_volume)
+    assert volume_io.load_volume.__module__ == "E3PoseLogic.volume_io"
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    from E3PoseLogic import pipeline
+    from E3PoseLogic.training import common
+
+    assert common.resolve_device is pipeline.resolve_device
+
+
 def test_lps_constant_is_read_only():
     with pytest.raises(ValueError):
         frames.LPS_FROM_RAS[0, 0] = 1.0

@@ -33,13 +33,10 @@ def test_nifti_volume_geometry_matches_nibabel(tmp_path, scene, mirror):
     assert node.GetName() == "v"
     ref = nib.load(str(p))
     ref_arr = np.asarray(ref.dataobj)
-    if not mirror:
-        np.testing.assert_allclose(g, ref.affine, atol=1e-5)
-        np.testing.assert_array_equal(a, ref_arr)
-    else:
-        # Slicer's reader (vtkITK) makes a left-handed grid right-handed by reversing one voxel axis: the matrix
-        # and the array differ from nibabel's, but every voxel keeps its world position and value.
-        assert np.linalg.det(g[:3, :3]) > 0 > np.linalg.det(ref.affine[:3, :3])
+    # read by volume_io (the command line's reader): nibabel's matrix and array, mirrored storage included, so
+    # voxel indices agree with `e3pose infer` (Slicer's own reader reverses one voxel axis of a left-handed grid)
+    np.testing.assert_allclose(g, ref.affine, atol=1e-5)
+    np.testing.assert_array_equal(a, ref_arr)
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in a.shape], indexing="ij"), -1).reshape(-1, 3)
     world = np.c_[ijk, np.ones(len(ijk))] @ g.T
     ref_ijk = np.rint((world @ np.linalg.inv(ref.affine).T)[:, :3]).astype(int)

@@ -101,3 +101,27 @@ def test_progress_and_cancel(pipeline):
     calls = []
     with pytest.raises(Cancelled):
         estimate_with(cancel=lambda: len(calls) > 2 or calls.append(1))
+
+
+def test_resolve_device_one_rule_for_inference_and_training():
+    """One device resolver (pipeline.resolve_device) for inference, benchmark and training: "gpu" is "cuda",
+    every impossible choice is an E3PoseError saying what to use instead (issue 9, section 4)."""
+    from E3PoseLogic.errors import E3PoseError
+    from E3PoseLogic.pipeline import resolve_device
+    from E3PoseLogic.training import common
+
+    assert common.resolve_device is resolve_device
+    assert resolve_device("cpu") == resolve_device(" CPU ") == resolve_device(torch.device("cpu")) == \
+        torch.device("cpu")
+    assert resolve_device("auto").type == resolve_device(None).type == \
+        ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert resolve_device("gpu") == resolve_device("cuda")
+        assert resolve_device("gpu", local_rank=0) == torch.device("cuda:0")
+    else:
+        for name in ("gpu", "cuda", "cuda:0"):
+            with pytest.raises(E3PoseError, match=f"'{name}' was asked for but no CUDA GPU.*--device cpu"):
+                resolve_device(name, local_rank=0)
+    for name in ("foo", "mps"):
+        with pytest.raises(E3PoseError, match="use auto, cpu, cuda or cuda:N"):
+            resolve_device(name)

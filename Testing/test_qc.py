@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -56,6 +57,74 @@ def test_qc_cli_writes_pictures_and_contact_sheet(tmp_path):
     assert img.std() > 0.05
 
 
+def _screen_direction(img, rgb_test, r_min, r_max):
+    """Mean unit direction (right, up) from the view centre (the brain centre) to the pixels of one colour in an
+    annulus: the axis line, not its tip label."""
+    img = img.astype(float) / 255.0
+    h, w, _ = img.shape
+    rows, cols = np.nonzero(rgb_test(img))
+    right, up = cols - (w - 1) / 2.0, (h - 1) / 2.0 - rows
+    r = np.hypot(right, up)
+    keep = (r > r_min) & (r < r_max)
+    assert keep.sum() > 10, "axis line not found"
+    d = np.array([np.mean(right[keep] / r[keep]), np.mean(up[keep] / r[keep])])
+    return d / np.linalg.norm(d)
+
+
+def _angle_deg(a, b):
+    return float(np.degrees(np.arccos(np.clip(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b), -1, 1))))
+
+
+RED = lambda im: (im[..., 0] > 0.8) & (im[..., 1] < 0.35) & (im[..., 2] < 0.35)  # noqa: E731
+GREEN = lambda im: (im[..., 1] > 0.7) & (im[..., 0] < 0.35) & (im[..., 2] < 0.35)  # noqa: E731
+BLUE = lambda im: (im[..., 2] > 0.8) & (im[..., 0] < 0.4) & (im[..., 1] < 0.6)  # noqa: E731
+
+
+def test_qc_axes_point_where_the_pose_says(tmp_path, monkeypatch):
+    """`e3pose qc` on a head turned 60 degrees about the superior axis: in the axial view (radiological: screen
+    right = patient left = -R, screen up = anterior) the red x axis runs from the brain centre along the pose's e_x,
+    the green y axis along e_y, and the blue z axis is seen end-on; in the coronal view it points up."""
+    nib = pytest.importorskip("nibabel")
+    if not _gl_ok():
+        pytest.skip("no offscreen OpenGL")
+    from E3PoseLogic import qc
+    from E3PoseLogic.cli import main
+
+    views = {}
+    real = qc.render_scene_views
+
+    def capture(*a, **k):
+        images = real(*a, **k)
+        views.update(images)
+        return images
+
+    monkeypatch.setattr(qc, "render_scene_views", capture)
+    h = make_synthetic_head(shape=(40, 40, 34), spacing=(2.8, 2.8, 3.4), grid_rotation=rotation("z", 20),
+                            pose_rotation=rotation("z", 60))
+    res, inp = tmp_path / "res", tmp_path / "in"
+    res.mkdir()
+    inp.mkdir()
+    nib.save(nib.Nifti1Image(h["array"], h["affine"]), str(inp / "head.nii.gz"))
+    nib.save(nib.Nifti1Image(h["brain"], h["affine"]), str(res / "head_mask.nii.gz"))
+    r = h["result"]
+    (res / "head.json").write_text(json.dumps({
+        "input": str(inp / "head.nii.gz"), "rotation_ras": r.rotation.tolist(),
+        "translation_ras": r.translation.tolist(), "ijk_to_ras": h["affine"].tolist()}))
+    size = 200
+    assert main(["qc", str(res), "-o", str(tmp_path / "qc"), "--size", str(size)]) == 0
+    assert set(views) == {"Axial", "Sagittal", "Coronal", "3D"}
+    e_x, e_y = r.rotation[:, 0], r.rotation[:, 1]
+    assert np.allclose(e_x, [np.cos(np.pi / 3), np.sin(np.pi / 3), 0.0])
+    axial = lambda v: np.array([-v[0], v[1]])  # noqa: E731  (RAS -> screen right, up)
+    lo, hi = 0.06 * size, 0.25 * size  # the 40 mm axes are about 0.35 * size long here; labels lie beyond
+    assert _angle_deg(_screen_direction(views["Axial"], RED, lo, hi), axial(e_x)) < 3.0
+    assert _angle_deg(_screen_direction(views["Axial"], GREEN, lo, hi), axial(e_y)) < 3.0
+    blue = BLUE(views["Axial"].astype(float) / 255.0)
+    rows, cols = np.nonzero(blue)
+    assert np.hypot(cols - (size - 1) / 2, rows - (size - 1) / 2).max() < 0.05 * size  # end-on: a dot
+    assert _angle_deg(_screen_direction(views["Coronal"], BLUE, lo, hi), [0.0, 1.0]) < 3.0  # e_z superior: up
+
+
 def test_qc_cli_missing_input_message(tmp_path, capsys):
     pytest.importorskip("slicer")
     from E3PoseLogic.cli import main
@@ -81,3 +150,43 @@ def test_qc_without_slicer_core_says_pip_install(monkeypatch, tmp_path, capsys):
 
     assert main(["qc", str(tmp_path), "-o", str(tmp_path / "qc")]) == 2
     assert "pip install slicer-core" in capsys.readouterr().err
+
+
+def test_qc_bad_input_reported_per_file_others_rendered(tmp_path):
+    """One referenced input truncated, one an RGB image: each is reported by name, no traceback, and the good
+    result still gets its picture and the contact sheet (issue 9, 3.3)."""
+    import contextlib
+    import io
+
+    nib = pytest.importorskip("nibabel")
+    if not _gl_ok():
+        pytest.skip("no offscreen OpenGL")
+    from E3PoseLogic.cli import main
+
+    h = make_synthetic_head(shape=(40, 40, 34), spacing=(2.8, 2.8, 3.4))
+    res, inp = tmp_path / "res", tmp_path / "in"
+    res.mkdir()
+    inp.mkdir()
+    mask = h["brain"].copy()
+    mask[h["eyes"] > 0] = 2
+    r = h["result"]
+    rgb = np.zeros(h["array"].shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for name in ("a_truncated", "b_good", "c_rgb"):
+        nib.save(nib.Nifti1Image(h["array"] if name != "c_rgb" else rgb, h["affine"]), str(inp / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, h["affine"]), str(res / f"{name}_mask.nii.gz"))
+        (res / f"{name}.json").write_text(json.dumps({
+            "input": str(inp / f"{name}.nii.gz"), "rotation_ras": r.rotation.tolist(),
+            "translation_ras": r.translation.tolist()}))
+    whole = (inp / "a_truncated.nii.gz").read_bytes()
+    (inp / "a_truncated.nii.gz").write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "qc"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["qc", str(res), "-o", str(out), "--size", "120"])
+    err = err.getvalue()
+    assert rc == 1, err
+    assert "Traceback" not in err
+    assert re.search(r"a_truncated: FAILED: .*a_truncated\.nii\.gz: (the file is truncated or corrupt|not a "
+                     r"readable NIfTI)", err), err
+    assert re.search(r"c_rgb: FAILED: .*c_rgb\.nii\.gz: an RGB colour image .*scalar 3D volume", err), err
+    assert sorted(p.name for p in out.iterdir()) == ["b_good_qc.png", "contact_sheet.png", "index.html"]

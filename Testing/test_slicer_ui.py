@@ -52,6 +52,19 @@ def test_ui_parameter_bindings_match_parameter_node():
     assert len(set(bound.values())) == len(bound)  # one widget per parameter
 
 
+def test_refinement_choice_sits_in_the_advanced_section():
+    _, widgets = _ui_widgets()
+    advanced = {w.get("name") for w in widgets["advancedCollapsibleButton"].iter("widget")}
+    assert "refineComboBox" in advanced and widgets["refineComboBox"].get("class") == "QComboBox"
+    bound = {p.find("string").text for p in widgets["refineComboBox"].findall("property")
+             if p.get("name") == "SlicerParameterName"}
+    assert bound == {"refine"}
+    outputs = {w.get("name") for w in widgets["outputsCollapsibleButton"].iter("widget")}
+    assert "refinementLabel" in outputs  # what the refinement did, next to the pose
+    src = MODULE.read_text()
+    assert 'refine: Annotated[str, Choice(["auto", "on", "off"])] = "auto"' in src
+
+
 def test_ui_root_and_scene_connections():
     root, widgets = _ui_widgets()
     top = root.find("widget")
@@ -188,6 +201,19 @@ def test_deps_old_torch_is_upgraded_and_version_logic():
     assert satisfies("0.5.6", ">=0.5.5,<0.7") and not satisfies("0.7.0", ">=0.5.5,<0.7")
     plan = DependencyInstaller(FakeEnv({**SLICER_LIKE, "torch": "1.13.1"})).plan()
     assert plan[0].distribution == "torch" and plan[0].installed == "1.13.1"
+
+
+def test_deps_install_never_skips_the_question():
+    """The only way to say yes is the Environment's confirm (a dialog in Slicer, a stand-in in tests)."""
+    import inspect
+
+    from E3PoseLogic.slicer_deps import DependencyInstaller
+
+    assert list(inspect.signature(DependencyInstaller.ensure).parameters) == ["self"]
+    env = FakeEnv(SLICER_LIKE, confirm=False)
+    with pytest.raises(TypeError):
+        DependencyInstaller(env).ensure(ask=False)
+    assert env.calls == []
 
 
 def test_deps_declined_offline_and_no_pytorch_extension():

@@ -82,7 +82,8 @@ def test_deterministic_per_seed(tmp_path):
     d1, d2 = digest(tmp_path / "one"), digest(tmp_path / "two")
     assert d1 == d2 and len(d1) == 6  # 2 images, 2 labels, poses.csv, synth_config.json
     rows = list(csv.DictReader(open(tmp_path / "one" / "poses.csv")))
-    assert list(rows[0]) == ["frame_id", "rot_x", "rot_y", "rot_z", "com_r", "com_a", "com_s", "ga_weeks", "fold"]
+    assert list(rows[0]) == ["frame_id", "rot_x", "rot_y", "rot_z", "com_r", "com_a", "com_s", "ga_weeks", "fold",
+                            "protocol"]
     assert [r["fold"] for r in rows] == ["training", "validation"]
 
 
@@ -147,16 +148,19 @@ def test_sizes_follow_gestational_age(ga):
     assert 0.75 * P.ofd_mm < length < P.ofd_mm
 
 
-def test_navigator_and_speed():
-    import time
-
-    t0 = time.perf_counter()
-    case = make_case(2, 0, SynthConfig(acquisition=AcquisitionConfig(navigator=True)))
-    dt = time.perf_counter() - t0
+@pytest.mark.parametrize("seed", [2, 3])
+def test_navigator_grid(seed):
+    """Navigator-like cases: about 6 mm isotropic voxels over 360-400 mm (so at most ~70 voxels a side: small
+    volumes, cheap to make), and the whole brain inside."""
+    case = make_case(seed, 0, SynthConfig(acquisition=AcquisitionConfig(navigator=True)))
     sp = np.linalg.norm(case.affine[:3, :3], axis=0)
-    assert np.all((sp > 5.4) & (sp < 6.6)) and max(case.image.shape) <= 70
-    assert np.any(case.label == 1)
-    assert dt < 5.0  # generous on a shared 2-core machine; ~0.2 s measured
+    assert np.all((sp > 5.4) & (sp < 6.6)) and np.ptp(sp) < 1e-6
+    fov = np.asarray(case.image.shape) * sp
+    assert np.all((fov > 360.0 - 6.6) & (fov < 400.0 + 6.6)), fov
+    assert max(case.image.shape) <= 70
+    lab = case.label == 1
+    assert np.any(lab) and not (lab[0].any() or lab[-1].any() or lab[:, 0].any() or lab[:, -1].any()
+                                or lab[:, :, 0].any() or lab[:, :, -1].any())
 
 
 def test_cli_synth(tmp_path):

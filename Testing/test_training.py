@@ -155,19 +155,35 @@ def test_cli_checkpoint_round_trip_and_resume(synth_dir, tmp_path):
     assert main(["train-e3cnn", *pos, str(synth_dir / "poses.csv"), str(out_e), *E3_TINY, *common,
                  "--loss", "geodesic"]) == 0
 
-    # round trip: plain weights_only load, and the loaders rebuild the same network
-    for kind, out, loader, shape in (("unet", out_u, load_unet, (1, 1, 32, 32, 32)),
-                                     ("e3cnn", out_e, load_e3cnn, (1, 1, 16, 16, 16))):
+    # round trip: plain weights_only load, and the loaders rebuild the network the file holds: every stored
+    # weight in place, and the same outputs as that network built by hand from the file's config and weights
+    from E3PoseLogic.networks.config import E3CNNConfig, UNetConfig
+    from E3PoseLogic.networks.e3cnn import E3CNN
+    from E3PoseLogic.networks.unet import UNet
+
+    for kind, out, loader, build, shape in (
+            ("unet", out_u, load_unet, lambda c: UNet(UNetConfig.from_dict(c)), (1, 1, 32, 32, 32)),
+            ("e3cnn", out_e, load_e3cnn, lambda c: E3CNN(E3CNNConfig.from_dict(c)), (1, 1, 16, 16, 16))):
         obj = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
         assert obj["kind"] == kind and "synthetic" in obj["provenance"]["trained_on"]
         assert obj["provenance"]["epochs"] == 1 and obj["provenance"]["n_train"] == 4
-        torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-        m1, info = loader(out / "last.pt")
-        m2, _ = loader(out / "last.pt")
-        x = torch.rand(shape)
-        with torch.no_grad():
-            assert torch.equal(m1(x), m2(x))
-        assert info["format"] == "native"
+        for name in ("best.pt", "last.pt"):
+            raw = torch.load(out / name, map_location="cpu", weights_only=True)
+            loaded, info = loader(out / name)
+            assert info["format"] == "native" and info["config"] == raw["config"]
+            own = loaded.state_dict()
+            params = dict(loaded.named_parameters())
+            assert set(params) <= set(raw["state_dict"])  # every learnable weight comes from the file
+            for k, v in raw["state_dict"].items():
+                assert torch.equal(own[k], v), (kind, name, k)
+            by_hand = build(raw["config"]).eval()
+            by_hand.load_state_dict(raw["state_dict"], strict=(kind == "unet"))
+            fresh = build(raw["config"]).eval()
+            x = torch.rand(shape)
+            with torch.no_grad():
+                y = loaded(x)
+                assert torch.equal(y, by_hand(x))
+                assert not torch.allclose(y, fresh(x))  # a freshly initialised network is not what was saved
 
     # an independently saved and reloaded model gives identical outputs
     from E3PoseLogic.checkpoints import save_native

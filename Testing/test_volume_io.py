@@ -99,6 +99,39 @@ def test_non_finite_empty_small(tmp_path):
         load_volume(write(tmp_path / "small.nii.gz", volume((16, 16, 5))))
 
 
+def test_colour_and_vector_images_named(tmp_path):
+    """An RGB NIfTI is a colour image, not a "truncated or corrupt" file; a vector image likewise (issue 9, 3.6)."""
+    import nibabel as nib
+
+    rgb = np.zeros((16, 16, 16), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    p = tmp_path / "rgb.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, AFF), str(p))
+    for load in (load_volume, lambda q: load_mask(q, AFF, (16, 16, 16))):
+        with pytest.raises(InputError) as e:
+            load(p)
+        msg = str(e.value)
+        assert "an RGB colour image (3 channels R, G, B per voxel" in msg and "scalar 3D volume" in msg, msg
+        assert "truncated" not in msg and "corrupt" not in msg
+    vec = nib.Nifti1Image(volume((16, 16, 16, 1, 3)), AFF)
+    vec.header.set_intent("vector")
+    nib.save(vec, str(tmp_path / "vec.nii.gz"))
+    with pytest.raises(InputError, match=r"a vector image \(3 components per voxel.*scalar 3D volume"):
+        load_volume(tmp_path / "vec.nii.gz")
+
+
+def test_load_volume_labels(tmp_path):
+    """``labels=True``: integer label maps, any size, constant (empty) allowed; the volume checks otherwise."""
+    lab = np.zeros((6, 7, 5), np.uint8)
+    lab[2:4, 3:5, 1:3] = 2
+    arr, aff = load_volume(write(tmp_path / "lab.nii.gz", lab), labels=True)
+    assert arr.dtype == np.int16 and np.array_equal(arr, lab)
+    np.testing.assert_allclose(aff, AFF, atol=1e-5)
+    empty, _ = load_volume(write(tmp_path / "empty.nii.gz", np.zeros((6, 7, 5), np.uint8)), labels=True)
+    assert not empty.any()
+    with pytest.raises(InputError, match="too small"):  # as a volume it is refused
+        load_volume(tmp_path / "lab.nii.gz")
+
+
 def test_sheared_affine_refused(tmp_path):
     sheared = AFF.copy()
     sheared[:3, 2] += 0.3 * sheared[:3, 0]
@@ -257,6 +290,48 @@ def test_atomic_helpers(tmp_path):
     with pytest.raises(FileNotFoundError):
         with atomic.atomic_path(tmp_path / "never.txt"):
             pass
+
+
+def test_atomic_paths_replace_a_set_only_when_complete(tmp_path):
+    """A set of files replaces the earlier set only once every new file is written (issue 9, 3.5)."""
+    finals = [tmp_path / "r_mask.nii.gz", tmp_path / "r.npy", tmp_path / "r.json"]
+    for f in finals:
+        f.write_bytes(b"old " + f.name.encode())
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_paths(finals) as tmps:
+            assert [t.parent for t in tmps] == [tmp_path] * 3 and all(t.name.startswith(".") for t in tmps)
+            tmps[0].write_bytes(b"new mask")
+            tmps[1].write_bytes(b"new npy")
+            raise KeyboardInterrupt  # before the JSON: nothing of the new set may show
+    assert [f.read_bytes() for f in finals] == [b"old " + f.name.encode() for f in finals]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in finals)
+    with atomic.atomic_paths(finals) as tmps:
+        for t, f in zip(tmps, finals):
+            t.write_bytes(b"new " + f.name.encode())
+    assert [f.read_bytes() for f in finals] == [b"new " + f.name.encode() for f in finals]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in finals)
+
+
+def test_atomic_temporaries_have_valid_names_for_any_final_name(tmp_path):
+    """A final name that is not valid UTF-8 (latin-1 bytes on disk) gets an ASCII temporary with its suffixes:
+    C++ writers (ITK) abort the process on such a name (issue 9, 3.2)."""
+    import os
+
+    final = tmp_path / os.fsdecode(b"latin1_\xe9.nii.gz")
+    with atomic.atomic_path(final) as tmp:
+        assert tmp.name.isascii() and tmp.name.endswith(".nii.gz") and tmp.name.startswith(".")
+        tmp.write_bytes(b"data")
+    assert final.read_bytes() == b"data"
+    assert os.listdir(os.fsencode(tmp_path)) == [b"latin1_\xe9.nii.gz"]
+    with atomic.native_path(final, write=False) as native:
+        assert native.isascii() and open(native, "rb").read() == b"data"
+    with atomic.native_path(final) as native:
+        native.encode("utf-8")
+        with open(native, "wb") as f:
+            f.write(b"rewritten")
+    assert final.read_bytes() == b"rewritten"
+    with atomic.native_path(tmp_path / "plain.tfm") as native:
+        assert native == str(tmp_path / "plain.tfm")
 
 
 # ---------------------------------------------------------------------------------------------- inputs, names

@@ -18,6 +18,7 @@ COMMANDS = (
     "synth",
     "evaluate",
     "train",
+    "train_refiner",
     "qc",
     "convert",
 )
@@ -45,11 +46,15 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from ..atomic import interrupt_handlers
+
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        with interrupt_handlers():  # SIGTERM too raises, so temporaries are removed and earlier outputs kept
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        print("interrupted" + (f" ({exc})" if signum != 2 else ""), file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ def register(sub):
                                    "default model, write the outputs and print the error against the known pose.")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.set_defaults(func=run, unet=None, e3cnn=None, allow_pickle=False)
+    p.add_argument("--refine", default="auto", choices=("auto", "on", "off"),
+                   help="refinement after the E3-CNN (default: auto, i.e. on with the bundled model)")
+    p.set_defaults(func=run, unet=None, e3cnn=None, allow_pickle=False, refiner=None)
 
 
 def run(args):
@@ -39,7 +41,7 @@ def run(args):
     print(f"input:  {volume} (synthetic fetal head, shape {array.shape})")
     progress = lambda stage, f: print(f"  [{f:4.0%}] {stage}", file=sys.stderr)  # noqa: E731
     try:
-        result = pipe.run(array, affine, mask=mask, source=volume, progress=progress)
+        result = pipe.run(array, affine, mask=mask, source=volume, progress=progress, refine=args.refine)
     except InputError as exc:
         if mask is not None:
             raise
@@ -47,7 +49,7 @@ def run(args):
         print(f"!!! the U-Net failed on the sample ({exc.reason}); running the rotation network on the sample's "
               "true brain mask instead.", file=sys.stderr)
         mask = load_mask(SAMPLE_DIR / "sample_head_label.nii.gz", affine, array.shape)
-        result = pipe.run(array, affine, mask=mask, source=volume, progress=progress)
+        result = pipe.run(array, affine, mask=mask, source=volume, progress=progress, refine=args.refine)
     paths = write_outputs(args.output, "sample_head", result, volume)
     rot_err = geodesic_deg(result.rotation, np.array(truth["rotation_ras"]))
     trans_err = float(np.linalg.norm(result.translation - np.array(truth["translation_ras"])))
@@ -59,7 +61,16 @@ def run(args):
           f"{result.confidence['brain_volume_ml']:.0f} ml")
     print(f"translation (brain centre, RAS mm): {result.translation}")
     print(f"rotation (columns e_x, e_y, e_z in RAS):\n{result.rotation}")
-    print(f"error vs the known pose: rotation {rot_err:.1f} deg, translation {trans_err:.1f} mm"
-          + ("   <-- random weights: meaningless" if not pipe.is_trained else ""))
+    meaningless = "   <-- random weights: meaningless" if not pipe.is_trained else ""
+    ref = result.confidence.get("refinement", {})
+    if ref.get("applied"):
+        net_err = geodesic_deg(result.network_rotation, np.array(truth["rotation_ras"]))
+        net_terr = float(np.linalg.norm(result.network_translation - np.array(truth["translation_ras"])))
+        print(f"error vs the known pose, E3-CNN alone: rotation {net_err:.1f} deg, translation {net_terr:.1f} mm")
+        print(f"error vs the known pose, refined:      rotation {rot_err:.1f} deg, translation {trans_err:.1f} mm"
+              f"  (refinement moved {ref['angle_moved_deg']:.1f} deg){meaningless}")
+    else:
+        print(f"error vs the known pose: rotation {rot_err:.1f} deg, translation {trans_err:.1f} mm"
+              f"  (no refinement: {ref.get('reason', 'not run')}){meaningless}")
     print("outputs: " + ", ".join(str(p) for p in paths.values()))
     return 0

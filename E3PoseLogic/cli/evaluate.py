@@ -3,19 +3,31 @@ from __future__ import annotations
 
 import argparse
 
+# The first ten columns keep their order (Resources/training/make_model_card.py reads them); new ones go last.
 PER_CASE_COLUMNS = ("frame_id", "status", "rotation_error_deg", "translation_error_mm", "err_ex_deg", "err_ey_deg",
-                    "err_ez_deg", "gt_rotation_deg", "bin", "fold")
+                    "err_ez_deg", "gt_rotation_deg", "bin", "fold", "network_rotation_error_deg", "protocol",
+                    "ga_weeks")
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "evaluate", help="pose errors of predictions against an annotation CSV",
-        description="Read PRED_DIR/<frame_id>.json (e3pose infer output) for every row of GROUND_TRUTH.csv "
-                    "(frame_id, rot_x, rot_y, rot_z[, com_r, com_a, com_s][, fold]) and write per_case.csv, "
-                    "summary.json and rotation_error_by_magnitude.png: geodesic rotation error (degrees), "
-                    "translation error (mm, when the CSV has com_*), median, 95th percentile, success rates at "
-                    "10 and 30 degrees, and errors by ground-truth rotation magnitude. Missing predictions count "
-                    "as failures.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read PRED_DIR/<frame_id>.json (e3pose infer output) for every row of GROUND_TRUTH.csv\n"
+                    "(frame_id, rot_x, rot_y, rot_z[, com_r, com_a, com_s][, fold][, ga_weeks][, protocol or\n"
+                    "navigator]) and write per_case.csv, summary.json and rotation_error_by_magnitude.png.\n\n"
+                    "Reported for all cases and, when the CSV has the columns, per subgroup (protocol: standard /\n"
+                    "navigator, or a yes/no navigator column; gestational age below / from 25 weeks): geodesic\n"
+                    "rotation error (degrees) median and 95th percentile, success at 5, 10 and 30 degrees, the\n"
+                    "share above 30 degrees, the failure rate above 60 degrees (the E(3)-Pose paper's failure), and\n"
+                    "translation error (mm, when the CSV has com_*). When the predictions carry\n"
+                    "network_rotation_voxel, the network-only pose is reported beside the final one, with the\n"
+                    "number of cases whose network pose was within 10 degrees and whose final pose is worse by\n"
+                    "more than 2 degrees. A missing or unreadable prediction counts as a failure.\n\n"
+                    "The CSV is checked first (UTF-8, a byte-order mark is fine): an empty, non-numeric, NaN or\n"
+                    "infinite angle (or one beyond 1e6 degrees), com_* or ga_weeks stops the run (exit 2) with the\n"
+                    "file, line and frame_id of each bad row. A frame_id repeated with different values is an\n"
+                    "error naming the ids; repeated with identical values it is counted once with a warning.")
     p.add_argument("pred_dir", help="folder of <frame_id>.json predictions")
     p.add_argument("ground_truth", help="annotation CSV")
     p.add_argument("-o", "--output", help="output folder (default PRED_DIR/evaluation)")
@@ -67,6 +79,37 @@ def plot_by_bin(cases, path) -> None:
     plt.close(fig)
 
 
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f} %"
+
+
+def _deg(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def format_group(g: dict, indent: str = "") -> list:
+    """Text lines of one ``group_summary``: final rotation, network-only rotation, refinement check, translation."""
+    out = []
+    for key, name in (("rotation_error_deg", "rotation error"), ("network_rotation_error_deg", "network alone")):
+        r = g.get(key)
+        if r is None:
+            continue
+        out.append(f"{indent}{name}: median {_deg(r['median'])} deg, 95th percentile {_deg(r['p95'])} deg, "
+                   f"success <=5 deg {_pct(r['success_5'])}, <=10 {_pct(r['success_10'])}, "
+                   f"<=30 {_pct(r['success_30'])}; above 30 {_pct(r['above_30'])}, "
+                   f"failures >60 deg {_pct(r['failure_60'])}")
+    f = g.get("refinement")
+    if f:
+        out.append(f"{indent}final pose worse than the network by >{f['worse_by_deg']:g} deg: {f['n_worse']} of "
+                   f"{f['n_network_within']} cases with the network within {f['within_deg']:g} deg"
+                   + (f" ({', '.join(f['worse'][:10])}{' ...' if len(f['worse']) > 10 else ''})" if f["worse"]
+                      else ""))
+    t = g.get("translation_error_mm")
+    if t and t["n"]:
+        out.append(f"{indent}translation error: median {t['median']:.2f} mm, 95th percentile {t['p95']:.2f} mm")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
@@ -78,11 +121,15 @@ def run(args: argparse.Namespace) -> int:
     if not pred_dir.is_dir():
         print(f"e3pose evaluate: {pred_dir}: not a folder", file=sys.stderr)
         return 2
+    warnings = []
     try:
-        truth = read_ground_truth(gt_path)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"e3pose evaluate: {gt_path}: cannot read the annotation CSV: {e}", file=sys.stderr)
+        truth = read_ground_truth(gt_path, warnings_out=warnings)
+    except (OSError, ValueError, KeyError) as e:  # the message names the file (UnicodeDecodeError is a ValueError)
+        msg = str(e) if str(gt_path) in str(e) else f"{gt_path}: {e}"
+        print(f"e3pose evaluate: cannot use the annotation CSV: {msg}", file=sys.stderr)
         return 2
+    for w in warnings:
+        print(f"e3pose evaluate: warning: {w}", file=sys.stderr)
     if args.fold:
         truth = {k: v for k, v in truth.items() if v.get("fold") == args.fold}
     if not truth:
@@ -99,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
                 unreadable.append(f"{f.name}: {e}")
     cases = evaluate_cases(preds, truth)
     s = summary(cases)
-    s.update(pred_dir=str(pred_dir), ground_truth=str(gt_path), fold=args.fold, unreadable=unreadable)
+    s.update(pred_dir=str(pred_dir), ground_truth=str(gt_path), fold=args.fold, unreadable=unreadable,
+             warnings=warnings)
     out = Path(args.output) if args.output else pred_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     lines = [",".join(PER_CASE_COLUMNS)] + [",".join(_fmt(c.get(k)) for k in PER_CASE_COLUMNS) for c in cases]
@@ -108,20 +156,18 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         plot_by_bin(cases, out / "rotation_error_by_magnitude.png")
 
-    r = s["rotation_error_deg"]
     print(f"{s['n_cases']} cases, {s['n_missing']} missing" + (f" ({len(unreadable)} unreadable)" if unreadable else ""))
-    if r["n"]:
-        print(f"rotation error: median {r['median']:.2f} deg, 95th percentile {r['p95']:.2f} deg, "
-              f"success <=10 deg {100 * r['success_10']:.1f} %, <=30 deg {100 * r['success_30']:.1f} %")
-    t = s["translation_error_mm"]
-    if t and t["n"]:
-        print(f"translation error: median {t['median']:.2f} mm, 95th percentile {t['p95']:.2f} mm")
-    elif s.get("translation_note"):
+    for line in format_group(s):
+        print(line)
+    if not s["translation_error_mm"] and s.get("translation_note"):
         print(f"note: {s['translation_note']}")
     for b in s["by_rotation_magnitude"]:
         if b["n"] or b["n_missing"]:
-            med = f"{b['median']:.2f}" if b["median"] is not None else "-"
-            print(f"  {b['bin']:>8} deg: n={b['n']:<4} missing={b['n_missing']:<3} median {med} deg")
+            print(f"  {b['bin']:>8} deg: n={b['n']:<4} missing={b['n_missing']:<3} median {_deg(b['median'])} deg")
+    for name, g in s["by_subgroup"].items():
+        print(f"{name}: {g['n_cases']} cases, {g['n_missing']} missing")
+        for line in format_group(g, indent="  "):
+            print(line)
     if s["missing"]:
         shown = ", ".join(s["missing"][:10]) + (" ..." if len(s["missing"]) > 10 else "")
         print(f"missing predictions (counted as failures): {shown}")

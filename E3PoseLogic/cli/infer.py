@@ -1,6 +1,7 @@
 """``e3pose infer``: the pipeline over files and folders, one bad input reported and the rest carried on."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,11 @@ def register(sub):
     p = sub.add_parser("infer", help="estimate the fetal head pose in NIfTI volumes",
                        description="Estimate the fetal head pose in each input volume. Per input NAME writes "
                                    "NAME.npy (published matrix), NAME.json, NAME_mask.nii.gz and NAME.tfm. "
+                                   "Inputs whose names would give the same NAME (a/scan.nii.gz and "
+                                   "b/scan.nii.gz, or scan.nii beside scan.nii.gz) are refused before anything "
+                                   "is computed: run them with separate -o folders. An output folder that "
+                                   "cannot be created or written is reported before the models load. "
+                                   "A set of outputs replaces an earlier run's only once it is complete. "
                                    "The exit code is the number of inputs that failed (at most 125).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files (.nii, .nii.gz) or folders of them")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
@@ -29,12 +35,32 @@ def add_model_arguments(p):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto (GPU if any)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow checkpoints that need full unpickling (only for files you trust)")
+    add_refine_arguments(p)
+
+
+def add_refine_arguments(p):
+    p.add_argument("--refine", default="auto", choices=("auto", "on", "off"),
+                   help="refinement after the E3-CNN (mirror plane + mid-sagittal network): auto = when the model "
+                        "has a refinement network (the bundled one has), on = required, off = network pose only. "
+                        "The JSON keeps the network-only pose beside the refined one (default: auto)")
+    p.add_argument("--refiner", metavar="R",
+                   help="refinement network weights (native .pt from e3pose train-refiner); default: the bundled "
+                        "model's, when the bundled E3-CNN is used")
 
 
 def load_pipeline(args):
     from ..pipeline import Pipeline
 
-    pipe = Pipeline.from_files(args.unet, args.e3cnn, device=args.device, allow_pickle=args.allow_pickle)
+    pipe = Pipeline.from_files(args.unet, args.e3cnn, device=args.device, allow_pickle=args.allow_pickle,
+                               refiner_path=getattr(args, "refiner", None))
+    if getattr(args, "refine", "auto") == "on" and pipe.refiner is None:
+        from ..errors import E3PoseError
+
+        raise E3PoseError("--refine on: this model has no refinement network (published checkpoints have none); "
+                          "give one with --refiner, or use --refine auto")
+    if getattr(args, "refine", "auto") == "auto" and pipe.refiner is None:
+        print("note: this model has no refinement network: the poses are the E3-CNN's alone (--refine auto)",
+              file=sys.stderr)
     for warning in pipe.warnings:
         banner = "!" * 100
         print(f"{banner}\n!!! MODEL WARNING: {warning}\n{banner}", file=sys.stderr)
@@ -53,7 +79,7 @@ def run(args):
     from tqdm import tqdm
 
     from ..errors import E3PoseError, InputError
-    from ..outputs import write_outputs
+    from ..outputs import name_clashes, prepare_output_folder, remove_empty_folders, write_outputs
     from ..volume_io import iter_inputs, load_mask, load_volume, volume_name
 
     inputs, missing = [], []
@@ -65,9 +91,24 @@ def run(args):
     if not inputs and not failures:
         print("e3pose infer: no .nii/.nii.gz files in the inputs", file=sys.stderr)
         return 1
+    inputs = _drop_repeats(inputs)
+    clashes = name_clashes(inputs)
+    if clashes:  # one result would silently overwrite another: refuse before computing anything
+        print(f"e3pose infer: inputs with the same name would write the same output files in {args.output}; "
+              "nothing was computed:", file=sys.stderr)
+        for name, paths in clashes.items():
+            print(f"  {name}.*: {', '.join(map(str, paths))}", file=sys.stderr)
+        print("  run inputs that share a name with separate -o folders (or rename them)", file=sys.stderr)
+        return min(len(inputs) + len(failures), 125)
+    try:
+        created = prepare_output_folder(args.output)  # before the models load: fail in seconds, not after a batch
+    except E3PoseError as exc:
+        print(f"e3pose infer: {exc}; nothing was computed", file=sys.stderr)
+        return min(len(inputs) + len(failures), 125) or 1
     try:
         pipe = load_pipeline(args)
     except E3PoseError as exc:
+        remove_empty_folders(created)
         print(f"e3pose infer: {exc}", file=sys.stderr)
         return min(len(inputs) + len(failures), 125) or 1
     done = 0
@@ -83,7 +124,7 @@ def run(args):
                 if mpath is None:
                     raise InputError(path, f"no mask named {name}.nii.gz or {name}.nii in {args.mask_dir}")
                 mask = load_mask(mpath, affine, array.shape)
-            result = pipe.run(array, affine, mask=mask, source=path)
+            result = pipe.run(array, affine, mask=mask, source=path, refine=args.refine)
             if mask is not None:
                 result.provenance["mask_source"] = str(mpath)
             write_outputs(args.output, name, result, path, args.scanner_space, args.input_to_canonical)
@@ -103,6 +144,13 @@ def run(args):
                 msg += " (try --device cpu)"
             failures.append((path, msg))
             tqdm.write(f"FAILED {path}: {msg}", file=sys.stderr)
+        except Exception as exc:  # a defect of ours on one odd input must not cost the rest of the batch
+            msg = f"unexpected error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); " \
+                  "please report it with this input's header"
+            failures.append((path, msg))
+            tqdm.write(f"FAILED {path}: {msg}", file=sys.stderr)
+    if not done:
+        remove_empty_folders(created)
     print(f"e3pose infer: {done} done, {len(failures)} failed; outputs in {args.output}", file=sys.stderr)
     for path, reason in failures:
         if not str(reason).startswith(str(path)):
@@ -110,3 +158,20 @@ def run(args):
         else:
             print(f"  failed: {reason}", file=sys.stderr)
     return min(len(failures), 125)
+
+
+def _drop_repeats(inputs):
+    """The same file given twice under the same name (by name and in its folder, say) is done once."""
+    from ..volume_io import volume_name
+
+    seen, out = set(), []
+    for path in inputs:
+        try:
+            st = os.stat(path)
+            key = (volume_name(path), st.st_dev, st.st_ino)
+        except OSError:
+            key = (volume_name(path), os.path.abspath(path))
+        if key not in seen:
+            seen.add(key)
+            out.append(path)
+    return out

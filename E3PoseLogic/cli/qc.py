@@ -22,7 +22,7 @@ def register(subparsers):
 
 
 def _find_input(rec, json_path, inputs_dir):
-    original = Path(rec.get("input", ""))
+    original = Path(rec.get("input") or "")
     candidates = []
     if inputs_dir is not None:
         d = Path(inputs_dir)
@@ -37,31 +37,41 @@ def _find_input(rec, json_path, inputs_dir):
 
 
 def load_result(json_path, inputs_dir=None):
-    """(array_ijk, ijk_to_ras, PoseResult, input path) from one `e3pose infer` JSON and its mask."""
-    import nibabel as nib
+    """(array_ijk, ijk_to_ras, PoseResult, input path) from one `e3pose infer` JSON and its mask.
 
+    Volumes are read with ``volume_io`` (the reader of `e3pose infer`), so a truncated, corrupt or otherwise
+    unusable file raises ``InputError`` naming it, like any other per-file problem.
+    """
+    from ..errors import InputError
     from ..result import PoseResult
+    from ..volume_io import load_volume
 
     json_path = Path(json_path)
-    rec = json.loads(json_path.read_text())
+    try:
+        rec = json.loads(json_path.read_text())
+        rotation = np.asarray(rec["rotation_ras"], float)
+        translation = np.asarray(rec["translation_ras"], float)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(json_path, f"not an `e3pose infer` result record ({type(exc).__name__}: {exc})") from None
     src = _find_input(rec, json_path, inputs_dir)
-    img = nib.load(str(src))
-    arr = np.asarray(img.dataobj, dtype=np.float32)
-    if arr.ndim == 4 and arr.shape[3] == 1:
-        arr = arr[..., 0]
+    arr, affine = load_volume(src)
     brain = eyes = None
     mask_path = json_path.with_name(f"{json_path.stem}_mask.nii.gz")
     if mask_path.is_file():
-        m = np.asarray(nib.load(str(mask_path)).dataobj)
+        m, mask_affine = load_volume(mask_path, labels=True)
+        if m.shape != arr.shape or not np.allclose(mask_affine, affine, atol=1e-4):
+            raise InputError(mask_path, f"the mask is not on the grid of its input {src} (shape {m.shape} vs "
+                                        f"{arr.shape}): was the input replaced after `e3pose infer` ran?")
         brain = ((m > 0) & (m != 2)).astype(np.uint8)
         eyes = (m == 2).astype(np.uint8) if np.any(m == 2) else None
     result = PoseResult(
-        rotation=np.asarray(rec["rotation_ras"], float), translation=np.asarray(rec["translation_ras"], float),
-        brain_mask=brain, eye_mask=eyes, ijk_to_ras=np.asarray(img.affine, float),
-        confidence={k: v for k, v in (rec.get("confidence") or {}).items() if isinstance(v, (int, float))},
+        rotation=rotation, translation=translation,
+        brain_mask=brain, eye_mask=eyes, ijk_to_ras=affine,
+        confidence={k: v for k, v in (rec.get("confidence") or {}).items()
+                    if isinstance(v, (int, float)) or k == "refinement"},
         provenance={"model": rec.get("model"), "device": rec.get("device")},
     )
-    return arr, np.asarray(img.affine, float), result, src
+    return arr, affine, result, src
 
 
 def run(args) -> int:
@@ -72,6 +82,7 @@ def run(args) -> int:
     except ImportError as exc:
         print(f"e3pose qc: {exc}", file=sys.stderr)
         return 2
+    from ..errors import E3PoseError
     from ..qc import contact_sheet, render_qc
 
     results = Path(args.results)
@@ -88,9 +99,12 @@ def run(args) -> int:
             png = render_qc(arr, aff, result, out / f"{j.stem}_qc.png", title=j.stem, size=args.size)
             pngs.append(png)
             print(f"{j.stem}: {png}", flush=True)
-        except (OSError, KeyError, ValueError) as exc:
+        except (E3PoseError, OSError, KeyError, ValueError) as exc:
             failed += 1
             print(f"{j.stem}: FAILED: {exc}", file=sys.stderr, flush=True)
+        except Exception as exc:  # one picture that cannot be made must not cost the others theirs
+            failed += 1
+            print(f"{j.stem}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     if pngs:
         sheet = contact_sheet(pngs, out / "contact_sheet.png", out / "index.html")
         print(f"contact sheet: {sheet} and {out / 'index.html'}")

@@ -8,7 +8,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "synth", help="generate synthetic fetal-head volumes with known pose (training layout)",
         description="Write OUTDIR/images/<id>.nii.gz, OUTDIR/labels/<id>.nii.gz (0 background, 1 brain, 2 eyes) and "
-                    "OUTDIR/poses.csv (frame_id, rot_x, rot_y, rot_z, com_r, com_a, com_s, ga_weeks, fold). "
+                    "OUTDIR/poses.csv (frame_id, rot_x, rot_y, rot_z, com_r, com_a, com_s, ga_weeks, fold, protocol: standard or navigator). "
                     "Rotations are scipy extrinsic 'xyz' Euler degrees from the voxel-axis frame to the canonical "
                     "frame; com_* is the brain centre of mass in world RAS mm. The same seed gives identical files.")
     p.add_argument("outdir", help="output folder (created)")

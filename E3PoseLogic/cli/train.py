@@ -108,9 +108,11 @@ def _run(args, module):
     if problem:
         print(f"e3pose {args.command}: {problem}", file=sys.stderr)
         return 2
+    from ..errors import E3PoseError
+
     try:
         return importlib.import_module(f"E3PoseLogic.training.{module}").run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (E3PoseError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"e3pose {args.command}: {exc}", file=sys.stderr)
         return 1
 

@@ -14,42 +14,19 @@ Files for a volume ``V`` (``export_pose``):
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Optional
 
 import numpy as np
 
+from ..atomic import atomic_path
+from ..frames import canonical_to_voxel, rigid_inverse
 from . import require_slicer
 from .nodes import (
     ATTR_PROVENANCE, ATTR_CONFIDENCE, SEGMENTS, PoseNodes, _jsonable, estimated_matrix, ijk_to_ras, is_edited,
-    rigid_inverse, to_world,
+    to_world,
 )
-
-
-@contextlib.contextmanager
-def atomic_path(final_path, suffix=None):
-    """Yield a temporary path with the same file name, in a hidden folder next to ``final_path``; move it into
-    place (``os.replace``, atomic on one file system) on success, remove it on failure.
-
-    The name is kept because some writers derive content from it (a .mrb holds a folder named after the file).
-    """
-    import shutil
-
-    final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = tempfile.mkdtemp(prefix=".e3pose-tmp-", dir=str(final_path.parent))
-    tmp = os.path.join(tmpdir, final_path.name)
-    try:
-        yield tmp
-        if not os.path.exists(tmp):
-            raise OSError(f"{final_path}: nothing was written")
-        os.replace(tmp, final_path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def write_json(path, obj):
@@ -65,37 +42,16 @@ def write_npy(path, array):
             np.save(f, np.asarray(array))
 
 
-# --------------------------------------------------------------------------------------------------- matrices
-def canonical_to_voxel(pose_world, ijk_to_ras_) -> np.ndarray:
-    """Published .npy from a world pose: rotation in the voxel-axis frame (upstream ``rot_img``), translation =
-    the canonical origin as a fractional voxel index.
-
-    With D the direction cosines of the grid: R_world = D @ R_vox @ diag(det D, 1, 1), so
-    R_vox = D.T @ R_world @ diag(det D, 1, 1) (see CONTRACTS.md).
-    """
-    pose_world = np.asarray(pose_world, float)
-    g = np.asarray(ijk_to_ras_, float)
-    spacing = np.linalg.norm(g[:3, :3], axis=0)
-    d = g[:3, :3] / spacing
-    u, _, vt = np.linalg.svd(pose_world[:3, :3])  # an edited matrix may carry round-off
-    r_world = u @ vt
-    flip = np.diag([np.sign(np.linalg.det(d)), 1.0, 1.0])
-    out = np.eye(4)
-    out[:3, :3] = d.T @ r_world @ flip
-    out[:3, 3] = (np.linalg.inv(g) @ np.append(pose_world[:3, 3], 1.0))[:3]
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- transforms
 def _write_with_storage_node(node, storage_class, path, what):
     """Write ``node`` with a temporary Slicer storage node of ``storage_class``, atomically."""
     scene = node.GetScene()
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_name=True) as tmp:
         sn = storage_class()
         if scene is not None:
             scene.AddNode(sn)
         try:
-            sn.SetFileName(tmp)
+            sn.SetFileName(str(tmp))
             if not sn.WriteData(node):
                 raise OSError(f"{path}: Slicer could not write the {what}")
         finally:
@@ -170,7 +126,7 @@ def save_mask_nifti(path, mask_ijk, ijk_to_ras_):
             img = nib.Nifti1Image(np.asarray(mask_ijk, np.uint8), np.asarray(ijk_to_ras_, float))
             img.set_qform(np.asarray(ijk_to_ras_, float), code=1)
             img.set_sform(np.asarray(ijk_to_ras_, float), code=1)
-            nib.save(img, tmp)
+            nib.save(img, str(tmp))
         else:
             slicer = require_slicer()
             from .nodes import volume_from_array
@@ -179,7 +135,7 @@ def save_mask_nifti(path, mask_ijk, ijk_to_ras_):
             node = volume_from_array(scene, np.asarray(mask_ijk, np.uint8), ijk_to_ras_, "mask", labelmap=True)
             sn = slicer.vtkMRMLVolumeArchetypeStorageNode()
             scene.AddNode(sn)
-            sn.SetFileName(tmp)
+            sn.SetFileName(str(tmp))
             if not sn.WriteData(node):
                 raise OSError(f"{path}: could not write the mask")
 
@@ -193,8 +149,8 @@ def save_segmentation(segmentation_node, path):
 # --------------------------------------------------------------------------------------------------- scene
 def save_scene_mrb(scene, path):
     """Whole scene as a Slicer data bundle (.mrb), atomically."""
-    with atomic_path(path) as tmp:
-        if not scene.WriteToMRB(tmp):
+    with atomic_path(path, keep_name=True) as tmp:
+        if not scene.WriteToMRB(str(tmp)):
             raise OSError(f"{path}: could not write the scene bundle")
 
 

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..frames import rigid_inverse
 from . import require_slicer
 
 ATTR_PREFIX = "E3Pose."
@@ -97,14 +98,6 @@ def _parse_matrix_attr(text) -> Optional[np.ndarray]:
     return v.reshape(4, 4) if v.size == 16 else None
 
 
-def rigid_inverse(a) -> np.ndarray:
-    a = np.asarray(a, dtype=float)
-    out = np.eye(4)
-    out[:3, :3] = a[:3, :3].T
-    out[:3, 3] = -a[:3, :3].T @ a[:3, 3]
-    return out
-
-
 # --------------------------------------------------------------------------------------------------- volumes
 def volume_from_array(scene, array_ijk, ijk_to_ras, name="volume", labelmap=False):
     """New scalar (or labelmap) volume node from an (i, j, k) array and its 4x4 IJK-to-RAS matrix."""
@@ -148,29 +141,13 @@ def ijk_to_ras(node) -> np.ndarray:
 
 
 def load_volume(scene, path, name=None, labelmap=False):
-    """Read a volume file (NIfTI, NRRD, ...) into a new node with Slicer's own reader (geometry as Slicer sees it)."""
+    """Read a NIfTI file into a new volume (or labelmap) node with ``volume_io.load_volume``: the checks, array and
+    IJK-to-RAS of ``e3pose infer``, so voxel indices match the command line's (mirrored files included)."""
     require_slicer()
-    import os
+    from ..volume_io import load_volume as read_volume, volume_name
 
-    cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
-    if name is None:
-        name = os.path.basename(str(path))
-        for ext in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-            if name.endswith(ext):
-                name = name[: -len(ext)]
-                break
-    node = scene.AddNewNodeByClass(cls, name)
-    sn = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    sn.SetFileName(str(path))
-    if labelmap:
-        sn.SetCenterImage(False)
-    if not sn.ReadData(node):
-        scene.RemoveNode(node)
-        scene.RemoveNode(sn)
-        raise OSError(f"{path}: Slicer could not read this volume")
-    node.SetAndObserveStorageNodeID(sn.GetID())
-    node.CreateDefaultDisplayNodes()
-    return node
+    array, affine = read_volume(path, labels=labelmap)
+    return volume_from_array(scene, array, affine, name or volume_name(path), labelmap=labelmap)
 
 
 # --------------------------------------------------------------------------------------------------- pose nodes

@@ -1,20 +1,24 @@
 """Run the pipeline in a background process, so Slicer stays responsive; and the runner that watches it.
 
 The Slicer module writes the volume as ``.npz`` (``array_ijk``, ``ijk_to_ras``: no file-format library needed on
-either side), starts ``PythonSlicer -m E3PoseLogic.mrml.worker --input in.npz --output out.npz ...`` and reads
-its stdout. Protocol, one line each:
+either side), starts ``PythonSlicer -m E3PoseLogic.mrml.worker --input in.npz --output out.npz [--device D]
+[--refine auto|on|off] ...`` and reads its stdout. Protocol, one line each:
 
     E3POSE PROGRESS <fraction 0..1> <stage>
     E3POSE DONE <output path>
     E3POSE ERROR <kind> <message>          kind: oom | input | checkpoint | cancelled | error
 
-Exit codes: 0 done, 2 bad input or weights, 3 GPU out of memory, 1 anything else. Everything else on stdout/stderr
-is log text. Cancel = terminate the process (its whole process group on POSIX). Running out of process also
+Exit codes: 0 done, 2 bad input, weights or choice (e.g. ``--refine on`` for a model without refinement), 3 GPU
+out of memory, 1 anything else. Everything else on stdout/stderr is log text (including one line saying what the
+refinement did). Cancel = terminate the process (its whole process group on POSIX). Running out of process also
 frees the GPU memory when it ends and keeps a crash in CUDA/e3nn from taking Slicer down.
 
 :class:`WorkerProcess` is pure Python (subprocess + a reader thread + a queue): the widget polls it from a
-QTimer; tests drive it directly. The environment variable ``E3POSE_WORKER_PIPELINE=module:factory`` replaces
-``Pipeline.from_files`` (tests use it to run a fake pipeline).
+QTimer; tests drive it directly.
+
+The pipeline comes from ``Pipeline.from_files``. Nothing in the environment or on the command line can replace
+it: a test that needs a stand-in pipeline runs its own small script that calls ``main(argv,
+pipeline_factory=...)`` and passes that script to :func:`build_command` as ``entry``.
 """
 from __future__ import annotations
 
@@ -27,13 +31,16 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 PREFIX = "E3POSE "
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_OOM = 0, 1, 2, 3
+REFINE_CHOICES = ("auto", "on", "off")
+MODULE_ENTRY = ("-m", "E3PoseLogic.mrml.worker")
+# result fields not sent back: the E3-CNN input crop is QC material for the command line, large and unused here
+_NOT_SENT = frozenset({"crop"})
 
 
 # --------------------------------------------------------------------------------------------------- files
@@ -45,32 +52,45 @@ def save_volume_npz(path, array_ijk, ijk_to_ras, mask=None):
 
 
 def save_result_npz(path, result):
-    fields = {}
-    for name in ("rotation", "translation", "brain_mask", "eye_mask", "ijk_to_ras", "rotation_voxel"):
-        v = getattr(result, name, None)
-        if v is not None:
-            fields[name] = np.asarray(v)
+    """Every array field of the result (and every dict field, as JSON), so fields added to PoseResult later, such
+    as the network-only pose kept next to a refined one, reach the Slicer module without a change here."""
+    import dataclasses
+
     from .nodes import _jsonable
 
-    for name in ("confidence", "timings", "provenance"):
-        fields[name + "_json"] = np.array(json.dumps(_jsonable(getattr(result, name, {}) or {})))
+    fields = {}
+    for f in dataclasses.fields(result):
+        if f.name in _NOT_SENT:
+            continue
+        v = getattr(result, f.name, None)
+        if isinstance(v, dict):
+            fields[f.name + "_json"] = np.array(json.dumps(_jsonable(v)))
+        elif v is not None:
+            try:
+                a = np.asarray(v)
+            except Exception:  # noqa: BLE001 - not an array: not part of the result file
+                continue
+            if a.dtype != object:
+                fields[f.name] = a
     tmp = str(path) + ".part.npz"
     np.savez(tmp, **fields)
     os.replace(tmp, path)
 
 
 def load_result_npz(path):
+    import dataclasses
+
     from ..result import PoseResult
 
+    known = {f.name for f in dataclasses.fields(PoseResult)}
+    kw = {"rotation": None, "translation": None, "brain_mask": None, "ijk_to_ras": None}
     with np.load(path, allow_pickle=False) as z:
-        get = lambda k: np.array(z[k]) if k in z.files else None  # noqa: E731
-        return PoseResult(
-            rotation=get("rotation"), translation=get("translation"), brain_mask=get("brain_mask"),
-            eye_mask=get("eye_mask"), ijk_to_ras=get("ijk_to_ras"), rotation_voxel=get("rotation_voxel"),
-            confidence=json.loads(str(z["confidence_json"])) if "confidence_json" in z.files else {},
-            timings=json.loads(str(z["timings_json"])) if "timings_json" in z.files else {},
-            provenance=json.loads(str(z["provenance_json"])) if "provenance_json" in z.files else {},
-        )
+        for key in z.files:
+            if key.endswith("_json") and key[:-5] in known:
+                kw[key[:-5]] = json.loads(str(z[key]))
+            elif key in known:
+                kw[key] = np.array(z[key])
+    return PoseResult(**kw)
 
 
 # --------------------------------------------------------------------------------------------------- protocol
@@ -102,12 +122,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return name == "OutOfMemoryError" or "out of memory" in msg.lower()
 
 
-def build_command(python, input_npz, output_npz, *, device="auto", unet=None, e3cnn=None,
-                  source=None) -> List[str]:
+def build_command(python, input_npz, output_npz, *, device="auto", unet=None, e3cnn=None, source=None,
+                  refine="auto", entry: Optional[Sequence[str]] = None) -> List[str]:
     """The worker command line (``python`` = PythonSlicer inside Slicer, ``sys.executable`` elsewhere).
-    ``source`` names the input in messages (e.g. the volume node name)."""
-    cmd = [str(python), "-m", "E3PoseLogic.mrml.worker", "--input", str(input_npz), "--output", str(output_npz),
-           "--device", str(device)]
+
+    ``source`` names the input in messages (e.g. the volume node name); ``refine`` is the refinement choice
+    (auto | on | off). ``entry`` is what follows ``python``: ``-m E3PoseLogic.mrml.worker`` unless the caller's
+    own code passes another script (tests: one that calls :func:`main` with a stand-in pipeline factory)."""
+    if refine not in REFINE_CHOICES:
+        raise ValueError(f"refine must be one of {', '.join(REFINE_CHOICES)}, not {refine!r}")
+    cmd = [str(python), *(MODULE_ENTRY if entry is None else entry), "--input", str(input_npz),
+           "--output", str(output_npz), "--device", str(device), "--refine", refine]
     if source:
         cmd += ["--source", str(source)]
     if unet:
@@ -224,19 +249,67 @@ def _emit(*parts):
     print(PREFIX + " ".join(str(p) for p in parts), flush=True)
 
 
-def _make_pipeline(args):
-    hook = os.environ.get("E3POSE_WORKER_PIPELINE")
-    if hook:
-        import importlib
-
-        mod, _, fn = hook.partition(":")
-        return getattr(importlib.import_module(mod), fn)(args.unet, args.e3cnn, args.device)
+def default_pipeline_factory(unet, e3cnn, device):
     from ..pipeline import Pipeline
 
-    return Pipeline.from_files(unet_path=args.unet, e3cnn_path=args.e3cnn, device=args.device)
+    return Pipeline.from_files(unet_path=unet, e3cnn_path=e3cnn, device=device)
 
 
-def main(argv=None) -> int:
+def _number(v) -> Optional[float]:
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return None
+    v = float(v)
+    return v if np.isfinite(v) else None
+
+
+_OFF_STATES = {"off", "skipped", "disabled", "unavailable", "none", "not available", "no", "false"}
+_ANGLE_KEYS = ("angle_moved_deg", "moved_deg", "angle_deg", "rotation_change_deg", "delta_deg", "change_deg",
+               "moved", "angle")
+
+
+def refinement_summary(confidence) -> str:
+    """One line saying what the refinement did, from ``confidence['refinement']`` ('' when not reported).
+
+    Read defensively (the entry is written by the pipeline; any JSON shape gives some text, never an error):
+    e.g. "refined: moved 12° (hypothesis flip_z, margin 0.21)" or "refinement off: the model has no refinement".
+    """
+    info = confidence.get("refinement") if isinstance(confidence, dict) else None
+    if info is None:
+        return ""
+    if isinstance(info, bool):
+        return "refined" if info else "refinement off"
+    angle = _number(info)
+    if angle is not None:
+        return f"refined: moved {angle:.0f}°"
+    if isinstance(info, str):
+        return f"refinement: {info}"
+    if not isinstance(info, dict):
+        return f"refinement: {json.dumps(info, default=str)[:200]}"
+    state = next((str(info[k]) for k in ("status", "mode", "state") if isinstance(info.get(k), str)), "")
+    applied = next((info[k] for k in ("applied", "refined", "used") if isinstance(info.get(k), bool)), None)
+    reason = next((str(info[k]) for k in ("reason", "message", "note") if info.get(k)), "")
+    if applied is False or state.lower() in _OFF_STATES:
+        return "refinement off" + (f": {reason}" if reason else "")
+    angle = next((a for a in (_number(info.get(k)) for k in _ANGLE_KEYS) if a is not None), None)
+    shift = _number(info.get("centre_moved_mm"))
+    text = "refined" if angle is None else f"refined: moved {angle:.0f}°"
+    if angle is not None and shift is not None:
+        text += f" and {shift:.1f} mm"
+    details = []
+    hypothesis = info.get("hypothesis")
+    if isinstance(hypothesis, (str, int)) and str(hypothesis).lower() not in ("", "identity", "none", "0"):
+        details.append(f"hypothesis {hypothesis}")
+    margin = _number(info.get("margin"))
+    if margin is not None and details:
+        details.append(f"margin {margin:.2g}")
+    if reason:
+        details.append(reason)
+    return text + (f" ({', '.join(details)})" if details else "")
+
+
+def main(argv=None, pipeline_factory: Optional[Callable] = None) -> int:
+    """Run one volume. ``pipeline_factory(unet, e3cnn, device)`` makes the pipeline (default: the real one from
+    the weights files); only Python code that calls main() can pass another one."""
     p = argparse.ArgumentParser(prog="python -m E3PoseLogic.mrml.worker", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True, help=".npz with array_ijk, ijk_to_ras (and optional mask)")
     p.add_argument("--output", required=True, help=".npz result written at the end")
@@ -244,12 +317,15 @@ def main(argv=None) -> int:
     p.add_argument("--unet", default=None)
     p.add_argument("--e3cnn", default=None)
     p.add_argument("--source", default=None, help="name of the input in messages")
+    p.add_argument("--refine", default="auto", choices=REFINE_CHOICES,
+                   help="refinement after the network: auto (when the model has one), on, off")
     args = p.parse_args(argv)
-    from ..errors import CheckpointError, InputError
+    factory = default_pipeline_factory if pipeline_factory is None else pipeline_factory
+    from ..errors import CheckpointError, E3PoseError, InputError
 
     try:
         _emit("PROGRESS", "0.0", "loading model")
-        pipeline = _make_pipeline(args)
+        pipeline = factory(args.unet, args.e3cnn, args.device)
         with np.load(args.input, allow_pickle=False) as z:
             arr, aff = np.array(z["array_ijk"]), np.array(z["ijk_to_ras"])
             mask = np.array(z["mask"]) if "mask" in z.files else None
@@ -258,13 +334,23 @@ def main(argv=None) -> int:
         def progress(stage, fraction):
             _emit("PROGRESS", f"{0.05 + 0.9 * float(fraction):.3f}", stage)
 
-        result = pipeline.run(arr, aff, mask=mask, source=args.source or args.input, progress=progress)
+        result = pipeline.run(arr, aff, mask=mask, source=args.source or args.input, progress=progress,
+                              refine=args.refine)
+        summary = refinement_summary(getattr(result, "confidence", None))
+        if summary:
+            print(summary, flush=True)
         save_result_npz(args.output, result)
         _emit("PROGRESS", "1.0", "done")
         _emit("DONE", args.output)
         return EXIT_OK
     except (InputError, CheckpointError) as exc:
         _emit("ERROR", "input" if isinstance(exc, InputError) else "checkpoint", str(exc).replace("\n", " "))
+        return EXIT_INPUT
+    except E3PoseError as exc:  # a choice the user can change, e.g. refine on with a model that has no refinement
+        if type(exc).__name__ == "Cancelled":
+            _emit("ERROR", "cancelled", str(exc))
+            return EXIT_ERROR
+        _emit("ERROR", "error", str(exc).replace("\n", " "))
         return EXIT_INPUT
     except Exception as exc:  # noqa: BLE001 - reported to the GUI, with the traceback in the log
         import traceback

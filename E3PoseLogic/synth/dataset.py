@@ -18,7 +18,8 @@ from .. import frames
 from .acquisition import AcquisitionConfig, acquire, sample_grid, sample_pose
 from .phantom import PhantomParams, render, sample_environment, sample_phantom
 
-CSV_COLUMNS = ("frame_id", "rot_x", "rot_y", "rot_z", "com_r", "com_a", "com_s", "ga_weeks", "fold")
+# "protocol" (standard / navigator) was appended last, so readers that index the older columns keep working.
+CSV_COLUMNS = ("frame_id", "rot_x", "rot_y", "rot_z", "com_r", "com_a", "com_s", "ga_weeks", "fold", "protocol")
 
 
 @dataclass
@@ -116,15 +117,15 @@ def _write_bytes(path: Path, data: bytes) -> None:
     write_bytes(path, data)
 
 
-def pose_row(case: SynthCase, fold: str) -> dict:
+def pose_row(case: SynthCase, fold: str, protocol: str = "standard") -> dict:
     rx, ry, rz = euler_from_rotation_voxel(case.rotation_voxel)
     return dict(frame_id=case.frame_id, rot_x=rx, rot_y=ry, rot_z=rz, com_r=case.com_ras[0], com_a=case.com_ras[1],
-                com_s=case.com_ras[2], ga_weeks=case.params.ga_weeks, fold=fold)
+                com_s=case.com_ras[2], ga_weeks=case.params.ga_weeks, fold=fold, protocol=protocol)
 
 
 def format_row(row: dict) -> str:
-    vals = [row["frame_id"]] + [f"{float(row[k]):.6f}" for k in CSV_COLUMNS[1:-2]] + \
-           [f"{float(row['ga_weeks']):.3f}", row["fold"]]
+    vals = [row["frame_id"]] + [f"{float(row[k]):.6f}" for k in CSV_COLUMNS[1:7]] + \
+           [f"{float(row['ga_weeks']):.3f}", row["fold"], row["protocol"]]
     return ",".join(vals)
 
 
@@ -137,7 +138,7 @@ def _generate_one(args) -> dict:
     fold = "validation" if index >= n - n_val else "training"
     _write_bytes(Path(outdir) / "images" / f"{case.frame_id}.nii.gz", nifti_bytes(case.image, case.affine, 1))
     _write_bytes(Path(outdir) / "labels" / f"{case.frame_id}.nii.gz", nifti_bytes(case.label, case.affine, 1))
-    return pose_row(case, fold)
+    return pose_row(case, fold, "navigator" if cfg.acquisition.navigator else "standard")
 
 
 def generate_dataset(outdir, n: int, seed: int = 0, cfg: Optional[SynthConfig] = None, workers: int = 1,

@@ -28,22 +28,12 @@ import torch
 
 from .. import __version__
 from ..checkpoints import save_native
+from ..pipeline import resolve_device
 
 BEST, LAST = "best.pt", "last.pt"
 
 
 # ------------------------------------------------------------------------------------------------- environment
-def resolve_device(name="auto", local_rank=0):
-    if name in (None, "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no CUDA GPU is available (use --device cpu)")
-        if name == "cuda":
-            name = f"cuda:{local_rank}"
-    return torch.device(name)
-
-
 class Dist:
     """World size / rank from torchrun's environment; a no-op for one process."""
 

@@ -1,17 +1,22 @@
-"""Assemble a bundled model folder: the two best checkpoints, their curves and metrics, and model_card.json.
+"""Assemble a bundled model folder: the best checkpoints, their curves and metrics, and model_card.json.
 
     python make_model_card.py RUNS EVAL EVAL_GT PRED OUT_DIR --notes notes.json
 
-RUNS holds unet/ and e3cnn/ training folders; EVAL / EVAL_GT are ``e3pose evaluate`` outputs of the whole pipeline
-and of the E3-CNN with the true brain mask; PRED is the pipeline's prediction folder (for the timings). Held-out
-numbers are split by acquisition (frame-id prefix) as well as pooled. ``notes.json`` adds free-form fields (test set
-description, hardware, wall times, commands, the warning shown to users).
+RUNS holds unet/ and e3cnn/ training folders (and refiner/, whose refiner.pt is copied when present); EVAL / EVAL_GT
+are ``e3pose evaluate`` outputs of the whole pipeline and of the E3-CNN with the true brain mask; PRED is the
+pipeline's prediction folder (for the timings). Held-out numbers are split by acquisition (frame-id prefix) as well
+as pooled. Each network's card entry is its checkpoint's provenance, plus the training command as run (from the run's
+train_config.json), the epochs run and scheduled (the provenance's ``epochs`` is the epoch the checkpoint was saved
+at, i.e. the best one), and the sha256 of its --init file. ``notes.json`` adds free-form fields (test set
+description, hardware, training history, commands, the warning shown to users).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -23,9 +28,27 @@ KEEP = ("trained_on", "n_train", "n_val", "epochs", "steps_per_epoch", "batch_si
         "git_commit")
 
 
-def brief(ckpt):
+def brief(ckpt, run=None):
     prov = ckpt["provenance"]
-    return {"config": ckpt["config"], **{k: prov.get(k) for k in KEEP}}
+    out = {"config": ckpt["config"], **{k: prov.get(k) for k in KEEP}}
+    if run is not None:
+        # what actually ran: the last command line (train_config.json), the epochs run (metrics.csv rows) against the
+        # epochs of the schedule, and which file --init read (the provenance keeps only its path)
+        cfg = json.loads((run / "train_config.json").read_text()) if (run / "train_config.json").is_file() else {}
+        if cfg.get("argv"):
+            out["command"] = shlex.join(["e3pose", *cfg["argv"][1:]])
+        with open(run / "metrics.csv") as f:
+            out["epochs_run"] = sum(1 for _ in csv.DictReader(f))
+        out["epochs_scheduled"] = cfg.get("options", {}).get("epochs")
+        init = Path(prov["init"]) if prov.get("init") else None
+        if init is not None and init.is_file():
+            out["init_sha256"] = hashlib.sha256(init.read_bytes()).hexdigest()
+    return out
+
+
+def brief_refiner(ckpt):
+    prov = ckpt["provenance"]
+    return {"config": ckpt["config"], **{k: v for k, v in prov.items() if k != "history"}}
 
 
 def held_out(per_case_csv, groups):
@@ -67,7 +90,8 @@ def main():
     for name in ("runs", "eval", "eval_gt", "pred", "out"):
         p.add_argument(name, type=Path)
     p.add_argument("--notes", type=Path)
-    p.add_argument("--groups", default='{"standard": "syn21_", "navigator_like": "syn22_"}')
+    p.add_argument("--groups", default='{"standard": "syn41_", "navigator_like": "syn42_"}',
+                   help="held-out groups: name -> frame-id prefix (default: the recipe's test set, seeds 41 and 42)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     notes = json.loads(a.notes.read_text()) if a.notes else {}
@@ -78,7 +102,12 @@ def main():
         shutil.copy(run / "best.pt", a.out / f"{kind}.pt")
         shutil.copy(run / "metrics.csv", a.out / f"{kind}_metrics.csv")
         shutil.copy(run / "learning_curve.png", a.out / f"{kind}_learning_curve.png")
-        cards[kind] = brief(torch.load(a.out / f"{kind}.pt", map_location="cpu", weights_only=True))
+        cards[kind] = brief(torch.load(a.out / f"{kind}.pt", map_location="cpu", weights_only=True), run)
+    nets = ["unet", "e3cnn"]
+    if (a.runs / "refiner" / "refiner.pt").is_file():
+        shutil.copy(a.runs / "refiner" / "refiner.pt", a.out / "refiner.pt")
+        cards["refiner"] = brief_refiner(torch.load(a.out / "refiner.pt", map_location="cpu", weights_only=True))
+        nets.append("refiner")
     shutil.copy(a.eval / "summary.json", a.out / "heldout_summary_full_pipeline.json")
     shutil.copy(a.eval_gt / "summary.json", a.out / "heldout_summary_gt_mask.json")
     card = {
@@ -94,7 +123,7 @@ def main():
             "inference_hardware": notes.get("inference_hardware"),
         },
         **{k: v for k, v in notes.items() if k not in ("variant", "training_data", "test_set", "inference_hardware")},
-        "files": {f"{k}.pt": (a.out / f"{k}.pt").stat().st_size for k in ("unet", "e3cnn")},
+        "files": {f"{k}.pt": (a.out / f"{k}.pt").stat().st_size for k in nets},
     }
     (a.out / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     print(json.dumps(card["held_out_test"], indent=1))

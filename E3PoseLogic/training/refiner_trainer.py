@@ -1,0 +1,186 @@
+"""Training of the refinement network (``networks.sagittal``) from annotated volumes.
+
+Each training volume is resampled once into a cube aligned with its known canonical frame (``refine.local_cube``);
+samples are then drawn on the fly: a mirror plane tilted and shifted by the errors the plane search makes, a random
+angle within the plane and a random side (so the network must find e_y and e_z from the anatomy and their
+handedness), a random smooth warp and scale of the anatomy, and a random contrast: a random intensity curve (any
+tissue order, inverted contrast included), bias field, blur and noise. The aim is the mid-sagittal anatomy of any
+head, not the look of one generator.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import frames
+from ..refine import equivalent_radius, local_cube, sample_slabs, slab_basis, slab_points
+
+
+def prepare_cubes(images, labels, truth, cfg, rng, centre_sd_mm=3.0, progress=None):
+    """[(cube, spacing, radius, centre error)] in the canonical frame of each annotated volume (label 1 = brain).
+
+    The cube is centred ``centre error`` (canonical mm, drawn with ``centre_sd_mm``, like the U-Net's) away from the
+    true brain centre of mass, which the network learns to point at.
+    """
+    from ..evaluate import rotation_from_euler_csv  # noqa: F401  (the CSV convention lives there)
+    from ..rotation import world_rotation
+    from ..volume_io import load_volume
+
+    out = []
+    for img_path in images:
+        fid = Path(img_path).name
+        fid = fid[:-7] if fid.endswith(".nii.gz") else Path(fid).stem
+        if fid not in truth:
+            continue
+        arr, aff = load_volume(img_path)
+        lab, laff = load_volume(labels[fid])
+        brain = np.asarray(lab) == 1
+        voxel_ml = float(np.prod(frames.voxel_sizes(laff))) / 1000.0
+        brain_ml = float(brain.sum()) * voxel_ml
+        if brain_ml <= 0:
+            continue
+        com = frames.apply(laff, np.array(np.nonzero(brain)).mean(1))
+        rot = world_rotation(truth[fid]["rotation_voxel"], frames.direction_cosines(aff))
+        radius = equivalent_radius(brain_ml)
+        err = rng.normal(0.0, centre_sd_mm, 3)
+        cube, sp = local_cube(arr, aff, com + rot @ err, rot, radius, cfg)
+        out.append((cube, sp, radius, err))
+        if progress:
+            progress()
+    return out
+
+
+def _rot_about(axis, angle):
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_rotvec(np.asarray(axis, float) / np.linalg.norm(axis) * angle).as_matrix()
+
+
+def draw_sample(cube, sp, radius, err, cfg, rng, tilt_sd_deg=4.0, offset_sd_mm=1.5, shift_sd_mm=2.0, warp_sd=0.04,
+                scale_sd=0.08):
+    """One training slab [C, S, S] and its target [6]: e_y, e_z and the brain centre, in slab coordinates."""
+    from scipy import ndimage
+
+    x = np.array([1.0, 0.0, 0.0])
+    tangent = np.cross(x, rng.normal(size=3))
+    n = _rot_about(tangent, np.radians(rng.normal(0.0, tilt_sd_deg))) @ x
+    if rng.random() < 0.5:
+        n = -n
+    u, v = slab_basis(n)
+    turn = _rot_about(n, rng.uniform(0.0, 2.0 * np.pi))
+    u, v = turn @ u, turn @ v
+    r = radius * float(np.exp(rng.normal(0.0, scale_sd)))
+    warp = None
+    if warp_sd > 0:
+        coarse = rng.normal(0.0, warp_sd * r, size=(2, 4, 4))
+        warp = np.stack([ndimage.zoom(c, cfg.size / 4.0, order=1) for c in coarse])
+    shift = rng.normal(0.0, shift_sd_mm, 2)
+    pts = slab_points(n, rng.normal(0.0, offset_sd_mm), u, v, r, cfg, warp) + shift[0] * u + shift[1] * v
+    slab = sample_slabs(cube, sp, pts)
+    target = []
+    for axis in (np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0])):
+        t = np.array([axis @ u, axis @ v])
+        target.append(t / max(np.linalg.norm(t), 1e-9))
+    to_com = -np.asarray(err) - (shift[0] * u + shift[1] * v)  # slab centre -> true centre, cube mm
+    target.append(np.array([to_com @ u, to_com @ v]) / r)
+    return slab, np.concatenate(target).astype(np.float32)
+
+
+def random_contrast(slab, rng):
+    """Any tissue contrast: a random monotone-or-not intensity curve (or the original, or inverted), then bias
+    field, blur and noise; rescaled so the 99th percentile is 1."""
+    from scipy import ndimage
+
+    x = np.clip(slab, 0.0, 1.5)
+    p = rng.random()
+    if p < 0.5:
+        knots = np.linspace(0.0, 1.5, 7)
+        x = np.interp(x, knots, rng.uniform(0.0, 1.0, size=7))
+    elif p < 0.65:
+        x = 1.5 - x
+    x = np.abs(x) ** float(np.exp(rng.normal(0.0, 0.3)))
+    s = x.shape[-1]
+    bias = ndimage.zoom(rng.normal(0.0, 0.25, size=(3, 3)), s / 3.0, order=1)[:s, :s]
+    x = x * np.exp(bias)[None]
+    if rng.random() < 0.4:
+        x = ndimage.gaussian_filter(x, (0, rng.uniform(0.3, 1.2), rng.uniform(0.3, 1.2)))
+    x = x + rng.normal(0.0, rng.uniform(0.0, 0.06), size=x.shape)
+    q = np.percentile(x, 99)
+    return (x / q if q > 0 else x).astype(np.float32)
+
+
+def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, log=print, provenance=None,
+          max_steps=None):
+    """Adam on the squared error of the unit targets; checkpoint (native 'refiner') every few minutes.
+
+    The learning rate is cosine-annealed over ``max_steps`` when given (reproducible), else over the time budget.
+    """
+    import torch
+
+    from ..checkpoints import save_native
+    from ..networks.sagittal import SagittalNet
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 4.0, 4.0])  # centre in radii: 0.5 radius ~ 17 mm weighs like 1 unit
+    net = SagittalNet(cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    step, elapsed0, history = 0, 0.0, []
+    if resume and Path(resume).is_file():
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed0 = int(state["step"]), float(state["elapsed_s"])
+        history = list(state.get("history", []))
+        rng = np.random.default_rng([seed, step])
+    t0 = time.perf_counter()
+    budget = minutes * 60.0
+    last_save = t0
+    net.train()
+    losses = []
+
+    def save():
+        elapsed = elapsed0 + time.perf_counter() - t0
+        prov = dict(provenance or {}, steps=step, batch_size=batch, lr=lr, seed=seed, training_time_s=elapsed,
+                    n_volumes=len(cubes), history=history[-50:])
+        save_native(out_dir / "refiner.pt", net.eval(), "refiner", prov)
+        torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "elapsed_s": elapsed, "history": history}, out_dir / "last.pt")
+        (out_dir / "history.json").write_text(json.dumps(history))
+        net.train()
+
+    def progress():
+        if max_steps:
+            return step / max_steps
+        return (elapsed0 + time.perf_counter() - t0) / budget
+
+    while progress() < 1.0:
+        xs, ys = [], []
+        for _ in range(batch):
+            slab, target = draw_sample(*cubes[int(rng.integers(len(cubes)))], cfg, rng)
+            xs.append(random_contrast(slab, rng))
+            ys.append(target)
+        x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        for g in opt.param_groups:
+            g["lr"] = float(lr * 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress()))))
+        loss = ((net(x) - y) ** 2 * weights).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if step % 200 == 0:
+            history.append({"step": step, "loss": float(np.mean(losses)),
+                            "elapsed_s": elapsed0 + time.perf_counter() - t0})
+            log(f"step {step} loss {np.mean(losses):.4f} ({history[-1]['elapsed_s'] / 60:.1f} min)")
+            losses = []
+        if time.perf_counter() - last_save > 120:
+            save()
+            last_save = time.perf_counter()
+    save()
+    return out_dir / "refiner.pt"

@@ -1,0 +1,252 @@
+"""The refinement stage: mirror-plane search, the 2D network's reading, its weights file, and the pipeline switch.
+
+The geometric tests use a synthetic head (``e3pose synth``'s generator) of known pose and need no network; the
+accuracy tests use the refinement network that ships with the bundled model.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from _support import rotation
+
+pytest.importorskip("torch")
+
+HEAD = (9301, 0)  # (seed, index) never used by a training, tuning or test set
+
+
+@pytest.fixture(scope="module")
+def head():
+    from E3PoseLogic.synth.dataset import make_case
+
+    case = make_case(*HEAD)
+    brain_ml = float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000.0
+    return case, brain_ml
+
+
+def _x_error_deg(normal_world, truth):
+    return float(np.degrees(np.arccos(min(1.0, abs(float(normal_world @ truth[:, 0]))))))
+
+
+def test_mirror_plane_is_found_from_25_degrees_off(head):
+    from E3PoseLogic.networks.sagittal import SagittalConfig
+    from E3PoseLogic.refine import MirrorSearch, equivalent_radius, local_cube
+
+    case, brain_ml = head
+    start = case.rotation_ras @ rotation("y", 25.0) @ rotation("z", 10.0)
+    radius = equivalent_radius(brain_ml)
+    cube, sp = local_cube(case.image.astype(np.float32), case.affine, case.com_ras, start, radius, SagittalConfig())
+    search = MirrorSearch(cube, sp, radius)
+    planes = search.candidates(prior_normals=[np.array([1.0, 0.0, 0.0])])
+    assert planes[0].source == "network" and all(p.source == "search" for p in planes[1:])
+    assert _x_error_deg(start @ planes[0].normal, case.rotation_ras) < 4.0  # quick fit on the coarse grid
+    fitted = search.polish(planes[0])
+    assert fitted.score >= planes[0].score
+    assert _x_error_deg(start @ fitted.normal, case.rotation_ras) < 1.5  # precise fit
+    found = search.candidates()[0]  # the search alone, without the E3-CNN, finds the same plane
+    assert _x_error_deg(start @ search.polish(found).normal, case.rotation_ras) < 1.5
+
+
+@pytest.fixture(scope="module")
+def refiner():
+    from E3PoseLogic.checkpoints import load_refiner
+    from E3PoseLogic.models import default_model
+
+    spec = default_model()
+    if spec.refiner is None:
+        pytest.skip("the bundled model has no refinement network")
+    return load_refiner(spec.refiner)[0]
+
+
+@pytest.fixture(scope="module")
+def heads():
+    """Six standard synthetic heads of known pose (seed 9301: no training, tuning or test set uses it)."""
+    from E3PoseLogic.synth.dataset import make_case
+
+    out = []
+    for i in range(6):
+        case = make_case(HEAD[0], i)
+        out.append((case, float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000.0))
+    return out
+
+
+@pytest.mark.parametrize("start", ["25deg", "180x", "180y", "180z"])
+def test_refinement_recovers_the_pose(heads, refiner, start):
+    """25 deg off: back to a few degrees; 180 deg about a canonical axis: the right hypothesis (within 10 deg).
+
+    Measured with the bundled refiner on these heads: 25 deg -> 1.4 to 3.4 deg (median 2.6); every 180 deg start
+    -> 0.5 to 3.7 deg. The issue's goal for the 25 deg start is 2 deg: met on 2 heads of 6, not on the median.
+    """
+    from E3PoseLogic.refine import refine_pose
+    from E3PoseLogic.rotation import geodesic_deg
+
+    turn = {"25deg": rotation("x", 15.0) @ rotation("y", -15.0) @ rotation("z", 12.0),
+            "180x": rotation("x", 180.0), "180y": rotation("y", 180.0), "180z": rotation("z", 180.0)}[start]
+    assert abs(geodesic_deg(np.eye(3), turn) - (180.0 if start != "25deg" else 25.0)) < 2.0
+    errors, centre_errors = [], []
+    for case, brain_ml in heads:
+        r0 = case.rotation_ras @ turn  # a turn about a canonical axis of the head
+        centre = case.com_ras + np.array([2.0, -1.5, 1.0])  # 2.7 mm off
+        ref = refine_pose(refiner, case.image.astype(np.float32), case.affine, centre, r0, brain_ml)
+        assert np.linalg.det(ref.rotation) == pytest.approx(1.0, abs=1e-9)
+        assert ref.info["angle_moved_deg"] == pytest.approx(geodesic_deg(r0, ref.rotation), abs=1e-6)
+        errors.append(geodesic_deg(ref.rotation, case.rotation_ras))
+        centre_errors.append(np.linalg.norm(ref.translation - case.com_ras))
+    errors = np.round(errors, 1)
+    assert max(errors) < (5.0 if start == "25deg" else 10.0), errors
+    assert np.median(errors) < 3.5, errors
+    assert np.median(centre_errors) < 2.0, np.round(centre_errors, 2)  # from 2.7 mm
+
+
+def test_voxel_rotation_inverts_world_rotation():
+    from E3PoseLogic.rotation import voxel_rotation, world_rotation
+
+    r = rotation("x", 30.0) @ rotation("z", -70.0)
+    for d in (rotation("y", 20.0), rotation("y", 20.0) @ np.diag([-1.0, 1.0, 1.0])):
+        rv = voxel_rotation(world_rotation(r, d), d)
+        np.testing.assert_allclose(rv, r, atol=1e-12)
+        assert np.linalg.det(world_rotation(rv, d)) == pytest.approx(1.0)
+
+
+def test_training_samples_follow_the_handedness_rule(head):
+    """Seen from the other side of the plane, the slab shows e_y, e_z as a left-handed pair (e_x = e_y x e_z)."""
+    from E3PoseLogic.networks.sagittal import SagittalConfig
+    from E3PoseLogic.refine import equivalent_radius, local_cube
+    from E3PoseLogic.training.refiner_trainer import draw_sample
+
+    case, brain_ml = head
+    cfg = SagittalConfig()
+    radius = equivalent_radius(brain_ml)
+    cube, sp = local_cube(case.image.astype(np.float32), case.affine, case.com_ras, case.rotation_ras, radius, cfg)
+    sides = set()
+    for seed in range(8):
+        slab, t = draw_sample(cube, sp, radius, np.zeros(3), cfg, np.random.default_rng(seed))
+        assert slab.shape == (len(cfg.offsets), cfg.size, cfg.size) and np.isfinite(slab).all()
+        np.testing.assert_allclose([np.hypot(*t[:2]), np.hypot(*t[2:4])], 1.0, atol=0.02)  # tilt: nearly in-plane
+        assert abs(t[:2] @ t[2:4]) < 0.1  # e_y and e_z stay perpendicular in the slab
+        sides.add(int(np.sign(t[0] * t[3] - t[1] * t[2])))
+        a, b = draw_sample(cube, sp, radius, np.zeros(3), cfg, np.random.default_rng(seed))
+        np.testing.assert_array_equal(a, slab)  # deterministic per seed
+        np.testing.assert_array_equal(b, t)
+    assert sides == {-1, 1}  # both faces of the plane are drawn
+
+
+def test_refiner_file_errors_name_the_file(tmp_path):
+    from E3PoseLogic.checkpoints import load_refiner
+    from E3PoseLogic.errors import CheckpointError
+    from E3PoseLogic.models import default_model
+
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(CheckpointError, match="missing.pt.*not found"):
+        load_refiner(missing)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")
+    with pytest.raises(CheckpointError, match="notes.pt.*text file"):
+        load_refiner(text)
+    spec = default_model()
+    if spec.e3cnn is not None:
+        with pytest.raises(CheckpointError, match="e3cnn.pt.*not a refinement-network checkpoint"):
+            load_refiner(spec.e3cnn)
+
+
+@pytest.fixture(scope="module")
+def small_random_model(tmp_path_factory):
+    """Native random-weight U-Net and E3-CNN files of the fast sizes: checkpoints without a refinement network."""
+    from E3PoseLogic.checkpoints import save_native
+    from E3PoseLogic.models import random_networks
+    from E3PoseLogic.networks.config import E3CNNConfig, UNetConfig
+
+    d = tmp_path_factory.mktemp("model")
+    unet, _, e3cnn, _ = random_networks(
+        unet_config=UNetConfig(input_size=64, spacing_mm=6.0, n_feat=8),
+        e3cnn_config=E3CNNConfig(mult=1, n_downsample=2, lmax=2, crop_size=16, parity_exact_pool=True))
+    save_native(d / "u.pt", unet, "unet")
+    save_native(d / "e.pt", e3cnn, "e3cnn")
+    return d
+
+
+def _infer(args, cwd):
+    return subprocess.run([sys.executable, "-m", "E3PoseLogic", "infer", *args], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+def test_checkpoints_without_refiner_run_unrefined_and_say_so(small_random_model, tmp_path):
+    from E3PoseLogic.cli.demo import SAMPLE_DIR
+
+    common = [str(SAMPLE_DIR / "sample_head.nii.gz"), "--unet", str(small_random_model / "u.pt"), "--e3cnn",
+              str(small_random_model / "e.pt"), "--mask-dir", str(tmp_path / "masks"), "--device", "cpu", "-q"]
+    (tmp_path / "masks").mkdir()
+    (tmp_path / "masks" / "sample_head.nii.gz").symlink_to(SAMPLE_DIR / "sample_head_label.nii.gz")
+    auto = _infer(common + ["-o", str(tmp_path / "auto")], tmp_path)
+    assert auto.returncode == 0, auto.stderr
+    assert "no refinement network" in auto.stderr
+    rec = json.loads((tmp_path / "auto" / "sample_head.json").read_text())
+    assert rec["confidence"]["refinement"]["applied"] is False
+    assert "no refinement network" in rec["confidence"]["refinement"]["reason"]
+    assert rec["network_rotation_voxel"] == rec["rotation_voxel"]  # nothing refined: the two poses are one
+    on = _infer(common + ["-o", str(tmp_path / "on"), "--refine", "on"], tmp_path)
+    assert on.returncode != 0 and "--refine on" in on.stderr and "no refinement network" in on.stderr
+    assert not (tmp_path / "on" / "sample_head.json").exists()
+
+
+def test_refine_choice_is_checked():
+    from E3PoseLogic.refine import check_refine
+
+    assert check_refine(None) == "auto" and check_refine("ON") == "on"
+    with pytest.raises(ValueError, match="auto, on, off"):
+        check_refine("maybe")
+
+
+def test_train_refiner_writes_a_loadable_network_and_resumes(tmp_path):
+    """The command end to end on two synthetic volumes: a native checkpoint that load_refiner accepts."""
+    from E3PoseLogic.checkpoints import load_refiner
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "E3PoseLogic", *map(str, a)], capture_output=True,  # noqa: E731
+                                    text=True, cwd=tmp_path)
+    r = run("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0)
+    assert r.returncode == 0, r.stderr
+    args = ["train-refiner", data / "images", data / "labels", data / "poses.csv", out, "--batch-size", 2]
+    r = run(*args, "--steps", 3)
+    assert r.returncode == 0, r.stderr
+    net, info = load_refiner(out / "refiner.pt")
+    assert info["steps"] == 3 and info["n_volumes"] == 2
+    r = run(*args, "--steps", 5, "--resume")
+    assert r.returncode == 0, r.stderr
+    _, info2 = load_refiner(out / "refiner.pt")
+    assert info2["steps"] == 5
+    first = [p.detach().clone() for p in net.parameters()]
+    assert any(not np.array_equal(a.numpy(), b.detach().numpy())
+               for a, b in zip(first, load_refiner(out / "refiner.pt")[0].parameters()))
+    bad = run("train-refiner", data / "images", data / "labels", tmp_path / "nothing.csv", out)
+    assert bad.returncode == 2 and "nothing.csv: cannot read" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_pipeline_keeps_both_poses_and_a_given_masks_centre(refiner):
+    """With the bundled model the sample is refined; the network pose is kept; a given mask's centre is kept."""
+    from E3PoseLogic.cli.demo import SAMPLE_DIR
+    from E3PoseLogic.outputs import result_record
+    from E3PoseLogic.pipeline import Pipeline
+    from E3PoseLogic.volume_io import load_mask, load_volume
+
+    pipe = Pipeline.from_files(device="cpu")
+    assert pipe.refiner is not None
+    array, affine = load_volume(SAMPLE_DIR / "sample_head.nii.gz")
+    mask = load_mask(SAMPLE_DIR / "sample_head_label.nii.gz", affine, array.shape)
+    res = pipe.run(array, affine, mask=mask)
+    ref = res.confidence["refinement"]
+    assert ref["applied"] and ref["centre_moved_mm"] == 0.0
+    np.testing.assert_allclose(res.translation, res.network_translation)
+    assert "refine" in res.timings
+    rec = json.loads(json.dumps(result_record(res), default=lambda a: np.asarray(a).tolist()))
+    from E3PoseLogic.rotation import geodesic_deg
+
+    moved = geodesic_deg(np.array(rec["network_rotation_ras"]), np.array(rec["rotation_ras"]))
+    assert moved == pytest.approx(ref["angle_moved_deg"], abs=1e-6)
+    off = pipe.run(array, affine, mask=mask, refine="off")
+    assert off.confidence["refinement"]["applied"] is False
+    np.testing.assert_allclose(off.rotation, res.network_rotation, atol=1e-9)
