@@ -19,6 +19,7 @@ A different method (another pooling rule, a changed layer, another crop) fails: 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -377,6 +378,22 @@ def _l1_norm_pool(x, irreps, k, parity_exact=False):
     return torch.cat(out, dim=1)
 
 
+@contextlib.contextmanager
+def perturbed(conv, relative):
+    """The convolution's weights moved by ``relative`` x their mean size (fixed random pattern), restored after."""
+    saved = conv.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            conv.weight.add_(relative * conv.weight.abs().mean() * torch.randn(conv.weight.shape, generator=g))
+        conv.clear_cache()
+        yield
+    finally:
+        with torch.no_grad():
+            conv.weight.copy_(saved)
+        conv.clear_cache()
+
+
 def test_method_differences_fail(e3cnn):
     """The near-tie allowances do not let a different method through: another pooling rule, a slightly changed layer
     or another crop each fail the checks above."""
@@ -390,33 +407,12 @@ def test_method_differences_fail(e3cnn):
         whole = analyse_forward(e3cnn, st["input"], pool=rule)
         assert whole_angle(whole, st["rotation"]) > WHOLE_TIED_DEG, rule.__name__
     # a layer whose weights differ by 1e-3 (relative, random) from the checkpoint's
-    conv = e3cnn.net.down.down_blocks[2].conv2
-    saved = conv.weight.detach().clone()
-    try:
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(0)
-            conv.weight.add_(1e-3 * conv.weight.abs().mean() * torch.randn(conv.weight.shape, generator=g))
-        conv.clear_cache()
-        report = stage_report(e3cnn, st, levels=[2], head=False)
-        assert report["level2_out"][0] > 0
-    finally:
-        with torch.no_grad():
-            conv.weight.copy_(saved)
-        conv.clear_cache()
+    with perturbed(e3cnn.net.down.down_blocks[2].conv2, 1e-3):
+        assert stage_report(e3cnn, st, levels=[2], head=False)["level2_out"][0] > 0
     assert stage_report(e3cnn, st, levels=[2], head=False)["level2_out"][0] <= 0
     # level 1, checked robustly (downstream of unresolvable near-ties), still rejects a layer 1 % off
-    conv = e3cnn.net.down.down_blocks[1].conv1
-    saved = conv.weight.detach().clone()
-    try:
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(0)
-            conv.weight.add_(1e-2 * conv.weight.abs().mean() * torch.randn(conv.weight.shape, generator=g))
-        conv.clear_cache()
+    with perturbed(e3cnn.net.down.down_blocks[1].conv1, 1e-2):
         assert stage_report(e3cnn, st, levels=[1], head=False)["level1_out"][0] > 0
-    finally:
-        with torch.no_grad():
-            conv.weight.copy_(saved)
-        conv.clear_cache()
     # a crop that differs from the published rule (box 0.62 instead of 0.6 of the brain extent): the exact checks
     # of test_known_mask_route see it
     case = pipeline_cases()[0]
