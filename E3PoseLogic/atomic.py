@@ -222,19 +222,27 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _swap_handlers(handler, replaces) -> dict:
+    """Install ``handler`` for each of SIGNALS whose current handler ``replaces(current)`` accepts; -> the previous
+    handlers, to give back with ``signal.signal``. A signal the interpreter will not let us set is left alone."""
+    old = {}
+    for s in SIGNALS:
+        if not replaces(signal.getsignal(s)):
+            continue
+        try:
+            old[s] = signal.signal(s, handler)
+        except (ValueError, OSError):  # an embedding interpreter that does not allow it
+            continue
+    return old
+
+
 @contextlib.contextmanager
 def interrupt_handlers():
     """While inside: SIGINT and SIGTERM raise ``Interrupted`` (where their handler is Python's default; an ignored
     signal stays ignored). The previous handlers come back afterwards."""
     old = {}
     if _in_main_thread():
-        for s in SIGNALS:
-            current = signal.getsignal(s)
-            if current in (signal.SIG_DFL, signal.default_int_handler):
-                try:
-                    old[s] = signal.signal(s, _raise_interrupted)
-                except (ValueError, OSError):
-                    continue
+        old = _swap_handlers(_raise_interrupted, lambda h: h in (signal.SIG_DFL, signal.default_int_handler))
     try:
         yield
     finally:
@@ -248,19 +256,13 @@ def deferred_interrupts():
     if not _in_main_thread():
         yield
         return
-    pending, old = [], {}
+    pending = []
 
     def hold(signum, frame):
         pending.append(signum)
 
-    for s in SIGNALS:
-        current = signal.getsignal(s)
-        if current is None or current == signal.SIG_IGN:  # installed outside Python (cannot restore) or ignored
-            continue
-        try:
-            old[s] = signal.signal(s, hold)
-        except (ValueError, OSError):  # an embedding interpreter that does not allow it
-            continue
+    # not a handler installed outside Python (it could not be restored), nor an ignored signal
+    old = _swap_handlers(hold, lambda h: h is not None and h != signal.SIG_IGN)
     try:
         yield
     finally:

@@ -121,6 +121,14 @@ class Pipeline:
         """False when either network is a random-weight placeholder (then every output says so)."""
         return not (self.unet_info.get("random_weights") or self.e3cnn_info.get("random_weights"))
 
+    def refine_mode(self, refine="auto") -> str:
+        """The refinement choice, validated against this model: "on" without a refinement network is an error."""
+        refine = check_refine(refine)
+        if refine == "on" and self.refiner is None:
+            raise E3PoseError("refinement was asked for (--refine on) but this model has no refinement network "
+                              "(published checkpoints have none; give one with --refiner, or use --refine auto)")
+        return refine
+
     # ------------------------------------------------------------------------------------------------ stages
     def segment(self, x_unet):
         """U-Net grid volume (float32, [0,1]) -> (brain mask, eye mask), uint8 on the same grid."""
@@ -151,10 +159,7 @@ class Pipeline:
         called as stages finish; ``cancel()`` returning True stops at the next stage boundary. ``refine``: "auto"
         (refine when the model has a refinement network), "on" (error if it has none) or "off".
         """
-        refine = check_refine(refine)
-        if refine == "on" and self.refiner is None:
-            raise E3PoseError("refinement was asked for (refine on) but this model has no refinement network "
-                              "(published checkpoints have none; give one with --refiner, or use --refine auto)")
+        refine = self.refine_mode(refine)
         timings = {}
         clock = _Clock(timings)
         array = np.asarray(array_ijk)
@@ -197,8 +202,7 @@ class Pipeline:
         if refine != "off" and self.refiner is not None:
             step("refine", 0.7)
             with clock("refine"):
-                brain_ml = volume_ml
-                ref = refine_pose(self.refiner, array, affine, translation, rotation, brain_ml,
+                ref = refine_pose(self.refiner, array, affine, translation, rotation, volume_ml,
                                   move_centre=mask is None)
                 rotation, translation = ref.rotation, ref.translation
                 rot_voxel = voxel_rotation(rotation, frames.direction_cosines(affine))

@@ -3,9 +3,10 @@
 Why these two steps: every head, phantom or real, is close to mirror-symmetric about its mid-sagittal plane, and
 the image compared with its own reflection needs no template and no assumption about contrast, size or age. The
 plane fixes e_x (up to sign) and the left-right position of the centre, to a fraction of a degree on standard
-volumes (4-5 degrees at 6 mm voxels), where the E3-CNN is off by tens of degrees. What it cannot fix is the angle within the plane and the sign of e_x: a small 2D
-network (``networks.sagittal``) reads slabs parallel to the plane and gives e_y and e_z, whose handedness in the
-slab settles the sign of e_x (the pseudovector rule of E(3)-Pose, in 2D).
+volumes (4-5 degrees at 6 mm voxels), where the E3-CNN is off by tens of degrees. What it cannot fix is the angle
+within the plane and the sign of e_x: a small 2D network (``networks.sagittal``) reads slabs parallel to the plane
+and gives e_y and e_z, whose handedness in the slab settles the sign of e_x (the pseudovector rule of E(3)-Pose, in
+2D).
 
 Everything is done in a local cube around the brain whose spacing follows the brain's size (``radius`` = radius
 of the sphere with the brain's volume), so small and large heads look alike to the network.

@@ -385,30 +385,37 @@ def linked_batch(good, tmp_path, names):
     return inp, masks, out
 
 
+def interrupted_infer(args, models, log, sig, ready, pause, early, late):
+    """``e3pose infer ARGS`` in a subprocess (stderr to ``log``), sent ``sig`` as soon as ``ready()``; -> exit code.
+
+    ``early`` / ``late``: what the failure says when the run ends before ``ready()``, or ``ready()`` never comes."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "E3PoseLogic", "infer", *map(str, args), "--unet", str(models["unet"]),
+             "--e3cnn", str(models["e3cnn"]), "--device", "cpu"],
+            cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=fh)
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and proc.poll() is None and not ready():
+                time.sleep(pause)
+            assert proc.poll() is None, early + ":\n" + log.read_text()
+            assert ready(), late + ":\n" + log.read_text()
+            proc.send_signal(sig)
+            return proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_sigint_leaves_no_partial_outputs(good, models, tmp_path):
     """Ctrl-C (SIGINT) in the middle of a batch: no temporary or truncated files; every JSON has its full set."""
     n = 30
     inp, masks, out = linked_batch(good, tmp_path, [f"v{i:02d}" for i in range(n)])
     log = tmp_path / "stderr.txt"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "E3PoseLogic", "infer", str(inp), "-o", str(out), "--mask-dir", str(masks),
-             "--unet", str(models["unet"]), "--e3cnn", str(models["e3cnn"]), "--device", "cpu"],
-            cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=fh)
-        try:
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline and proc.poll() is None:
-                if out.is_dir() and finished(out):
-                    break
-                time.sleep(0.01)
-            assert proc.poll() is None, "the batch ended before it could be interrupted:\n" + log.read_text()
-            assert finished(out), "no output appeared in time:\n" + log.read_text()
-            proc.send_signal(signal.SIGINT)
-            rc = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    rc = interrupted_infer([inp, "-o", out, "--mask-dir", masks], models, log, signal.SIGINT,
+                           ready=lambda: out.is_dir() and finished(out), pause=0.01,
+                           early="the batch ended before it could be interrupted", late="no output appeared in time")
     err = log.read_text()
     assert rc == 130, err
     assert "interrupted" in err and "Traceback" not in err, err
@@ -443,23 +450,11 @@ def test_sigterm_during_rerun_keeps_earlier_sets_whole(good, models, tmp_path):
 
     first = state()
     log = tmp_path / "stderr.txt"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(  # the re-run writes another .npy form, so old and new sets differ
-            [sys.executable, "-m", "E3PoseLogic", "infer", str(inp), "-o", str(out), "--mask-dir", str(masks),
-             "--unet", str(models["unet"]), "--e3cnn", str(models["e3cnn"]), "--device", "cpu", "-q",
-             "--scanner-space"], cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=fh)
-        try:
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline and proc.poll() is None and state() == first:
-                time.sleep(0.0005)
-            assert proc.poll() is None, "the re-run ended before it could be stopped:\n" + log.read_text()
-            assert state() != first, "the re-run changed nothing in time:\n" + log.read_text()
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    # the re-run writes another .npy form, so old and new sets differ
+    rc = interrupted_infer([inp, "-o", out, "--mask-dir", masks, "-q", "--scanner-space"], models, log,
+                           signal.SIGTERM, ready=lambda: state() != first, pause=0.0005,
+                           early="the re-run ended before it could be stopped",
+                           late="the re-run changed nothing in time")
     err = log.read_text()
     assert tmp_files(out) == [], err
     assert rc == 128 + signal.SIGTERM, err

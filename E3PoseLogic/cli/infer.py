@@ -53,12 +53,7 @@ def load_pipeline(args):
 
     pipe = Pipeline.from_files(args.unet, args.e3cnn, device=args.device, allow_pickle=args.allow_pickle,
                                refiner_path=getattr(args, "refiner", None))
-    if getattr(args, "refine", "auto") == "on" and pipe.refiner is None:
-        from ..errors import E3PoseError
-
-        raise E3PoseError("--refine on: this model has no refinement network (published checkpoints have none); "
-                          "give one with --refiner, or use --refine auto")
-    if getattr(args, "refine", "auto") == "auto" and pipe.refiner is None:
+    if pipe.refine_mode(getattr(args, "refine", "auto")) == "auto" and pipe.refiner is None:  # "on": raises
         print("note: this model has no refinement network: the poses are the E3-CNN's alone (--refine auto)",
               file=sys.stderr)
     for warning in pipe.warnings:

@@ -25,14 +25,12 @@ def prepare_cubes(images, labels, truth, cfg, rng, centre_sd_mm=3.0, progress=No
     The cube is centred ``centre error`` (canonical mm, drawn with ``centre_sd_mm``, like the U-Net's) away from the
     true brain centre of mass, which the network learns to point at.
     """
-    from ..evaluate import rotation_from_euler_csv  # noqa: F401  (the CSV convention lives there)
     from ..rotation import world_rotation
-    from ..volume_io import load_volume
+    from ..volume_io import load_volume, volume_name
 
     out = []
     for img_path in images:
-        fid = Path(img_path).name
-        fid = fid[:-7] if fid.endswith(".nii.gz") else Path(fid).stem
+        fid = volume_name(img_path)
         if fid not in truth:
             continue
         arr, aff = load_volume(img_path)
