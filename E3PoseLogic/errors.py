@@ -14,6 +14,10 @@ class InputError(E3PoseError):
         super().__init__(f"{self.source}: {reason}")
 
 
+class NoBrainFound(InputError):
+    """The brain mask is empty or too small to trust (the pipeline may retry on a finer grid first)."""
+
+
 class CheckpointError(E3PoseError):
     """A weights file that cannot be read or does not match the expected network."""
 

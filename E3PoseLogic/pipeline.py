@@ -22,6 +22,10 @@ from .refine import check_refine, refine_pose
 from .rotation import axes_to_rotation, voxel_rotation, world_rotation
 from .segmentation import DEFAULT_THRESHOLDS, brain_and_eyes, check_mask, softmax
 
+# other U-Net grids tried, as multiples of the model's spacing, when the first finds no brain: finer first (small
+# brains are the usual miss), then coarser
+FALLBACK_SPACING_FACTORS = (5.0 / 6.0, 4.0 / 6.0, 7.0 / 6.0, 8.0 / 6.0)
+
 STAGES = ("preprocess", "segmentation", "crop", "rotation", "refine", "output")
 
 
@@ -139,6 +143,38 @@ class Pipeline:
             logits = self.unet(t.contiguous(memory_format=torch.channels_last_3d))[0].float().cpu().numpy()
         return brain_and_eyes(softmax(logits, axis=0), self.thresholds)
 
+    def segment_multiscale(self, array, affine, x, unet_affine, fov, source):
+        """Brain and eyes on the U-Net grid, retried on other grids when the first finds no brain.
+
+        The U-Net learns a brain-size prior: a 20-week brain at 6 mm is too few voxels and comes out empty, yet
+        the same U-Net finds it on a 5 or 4 mm grid (same field of view); a few heads need a coarser grid instead. Only refusals are retried, so every mask
+        the first grid accepts is unchanged. A mask from a finer grid is carried back to the U-Net grid, where the
+        crop and the centre of mass are computed as usual. -> (brain, eyes, volume ml, spacing used).
+        """
+        from .errors import NoBrainFound
+
+        voxel_ml = float(np.prod(frames.voxel_sizes(unet_affine)))
+        brain, eyes = self.segment(x)
+        try:
+            return brain, eyes, check_mask(brain, source, voxel_ml, fov=fov), self.unet_spacing
+        except NoBrainFound as err:
+            first_error = err
+        for factor in FALLBACK_SPACING_FACTORS:
+            spacing = self.unet_spacing * factor
+            size = int(np.ceil(self.unet_size / factor / 8.0) * 8)  # about the same field of view, U-Net-friendly
+            x_fine, fine_affine = unet_input(array, affine, spacing, size)
+            fine_brain, fine_eyes = self.segment(x_fine)
+            fine_fov = resample_to_grid(np.ones(array.shape, np.uint8), affine, fine_affine, x_fine.shape,
+                                        order=0) > 0
+            try:
+                check_mask(fine_brain, source, float(np.prod(frames.voxel_sizes(fine_affine))), fov=fine_fov)
+            except NoBrainFound:
+                continue
+            brain = resample_to_grid(fine_brain, fine_affine, unet_affine, x.shape, order=0).astype(np.uint8)
+            eyes = resample_to_grid(fine_eyes, fine_affine, unet_affine, x.shape, order=0).astype(np.uint8)
+            return brain, eyes, check_mask(brain, source, voxel_ml, fov=fov), spacing
+        raise first_error
+
     def network_axes(self, x_crop):
         """E3-CNN input -> (p, a, b) as a [3, 3] array (rows), components along the array axes."""
         import torch
@@ -178,15 +214,17 @@ class Pipeline:
             fov = resample_to_grid(np.ones(array.shape, np.uint8), affine, unet_affine, x.shape, order=0) > 0
         step("segmentation", 0.15)
         with clock("segmentation"):
+            voxel_ml = float(np.prod(frames.voxel_sizes(unet_affine)))
+            unet_spacing = self.unet_spacing
             if mask is None:
-                brain, eyes = self.segment(x)
+                brain, eyes, volume_ml, unet_spacing = self.segment_multiscale(array, affine, x, unet_affine, fov,
+                                                                               source)
                 mask_source = "unet"
             else:
                 brain = resample_to_grid(np.asarray(mask, np.uint8), affine, unet_affine, x.shape, order=0)
                 eyes = None
                 mask_source = "given"
-            voxel_ml = float(np.prod(frames.voxel_sizes(unet_affine)))
-            volume_ml = check_mask(brain, source, voxel_ml, fov=fov)
+                volume_ml = check_mask(brain, source, voxel_ml, fov=fov)
         step("crop", 0.5)
         with clock("crop"):
             com_unet = np.array(ndimage.center_of_mass(brain), dtype=np.float64)
@@ -219,6 +257,7 @@ class Pipeline:
         step("done", 1.0)
         confidence = {
             "brain_volume_ml": volume_ml,
+            "unet_spacing_mm": float(unet_spacing),
             "axes_singular_values": rot_info["singular_values"],
             "axes_min_singular_value": float(min(rot_info["singular_values"])),
             "det_pab": rot_info["det_pab"],

@@ -47,15 +47,15 @@ def check_mask(mask, source, voxel_volume_mm3, fov=None, min_volume_ml=5.0):
 
     ``fov`` is a boolean array of where the image has data (the U-Net grid is zero-padded outside it).
     """
-    from .errors import InputError
+    from .errors import InputError, NoBrainFound
 
     n = int(np.count_nonzero(mask))
     if n == 0:
-        raise InputError(source, "the brain mask is empty: no brain found (is the head in the field of view? "
+        raise NoBrainFound(source, "the brain mask is empty: no brain found (is the head in the field of view? "
                                  "is this a fetal MRI volume?)")
     volume_ml = n * voxel_volume_mm3 / 1000.0
     if volume_ml < min_volume_ml:
-        raise InputError(source, f"the brain mask is too small ({volume_ml:.1f} ml, {n} voxels; at least "
+        raise NoBrainFound(source, f"the brain mask is too small ({volume_ml:.1f} ml, {n} voxels; at least "
                                  f"{min_volume_ml:g} ml expected): the pose would be unreliable")
     inside = fov if fov is not None else np.ones(mask.shape, dtype=bool)
     shell = np.zeros(mask.shape, dtype=bool)
