@@ -5,7 +5,9 @@ Formats, detected from the content (not the file name):
 - published E3-CNN: a ``.pth`` with ``net_state_dict`` (saved with e3nn 0.5.5; its derived buffers are checked
   against ours instead of loaded, so other e3nn versions work);
 - native: one file with weights, the architecture configuration and provenance, loadable with
-  ``torch.load(weights_only=True)``.
+  ``torch.load(weights_only=True)``. Its ``kind`` says which network: ``unet``, ``e3cnn``, ``refiner``, or
+  ``standard_cnn`` (the non-equivariant rotation baseline, ``networks.standard_cnn``), which ``load_e3cnn`` also
+  loads: it takes the E3-CNN's place in the pipeline, and its info says ``equivariant: False``.
 """
 from __future__ import annotations
 
@@ -115,8 +117,13 @@ def load_unet(path, allow_pickle=False):
 
 
 def load_e3cnn(path, allow_pickle=False):
-    """-> (E3CNN in eval mode, info dict)."""
+    """-> (rotation network in eval mode, info dict): an E3CNN, or a StandardCNN from a native ``standard_cnn``
+    checkpoint (same interface; ``info["architecture"]`` and ``info["equivariant"]`` say which)."""
     return _load_network(path, "e3cnn", allow_pickle)
+
+
+# native kinds that load_e3cnn accepts: the rotation networks, all with the E3-CNN's pooled interface
+ROTATION_KINDS = ("e3cnn", "standard_cnn")
 
 
 def load_refiner(path):
@@ -137,31 +144,43 @@ def load_refiner(path):
 def _load_network(path, kind, allow_pickle):
     from .networks.config import E3CNNConfig, UNetConfig
     from .networks.e3cnn import E3CNN
+    from .networks.standard_cnn import StandardCNN, StandardCNNConfig
     from .networks.unet import UNet
 
     published = {"unet": "published-unet", "e3cnn": "published-e3cnn"}[kind]
+    accepted = ROTATION_KINDS if kind == "e3cnn" else (kind,)
     obj = _torch_load(path, allow_pickle)
     fmt = detect_format(obj)
+    native_kind = obj.get("kind") if fmt == "native" else None
     if fmt == published and kind == "unet":
         state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
         cfg, info = _infer_unet_config(state), {"format": "published-lightning"}
     elif fmt == published:
         state = obj["net_state_dict"]
         cfg, info = _infer_e3cnn_config(state), {"format": "published-pth"}
-    elif fmt == "native" and obj.get("kind") == kind:
+    elif fmt == "native" and native_kind in accepted:
         state = obj["state_dict"]
-        cfg = (UNetConfig if kind == "unet" else E3CNNConfig).from_dict(obj["config"])
+        cfg = {"unet": UNetConfig, "e3cnn": E3CNNConfig, "standard_cnn": StandardCNNConfig}[native_kind].from_dict(
+            obj["config"])
         info = {"format": "native", **obj.get("provenance", {})}
     else:
-        what = "a U-Net" if kind == "unet" else "an E3-CNN"
-        raise CheckpointError(path, f"not {what} checkpoint (found: {_describe(obj, fmt)})")
+        what = "a U-Net checkpoint (" if kind == "unet" else "an E3-CNN checkpoint (nor a standard-CNN one; "
+        raise CheckpointError(path, f"not {what}found: {_describe(obj, fmt)})")
     info.setdefault("trained_on", "unknown (published checkpoint)")
     if kind == "unet":
         model = UNet(cfg)
         _load_strict(model, state, path)
+    elif native_kind == "standard_cnn":
+        try:
+            model = StandardCNN(cfg)
+        except ValueError as exc:
+            raise CheckpointError(path, f"invalid standard-CNN configuration: {exc}") from None
+        _load_strict(model, state, path)
+        info.update(architecture="standard-cnn", equivariant=False)
     else:
         model = E3CNN(cfg)
         _load_parameters_check_buffers(model, state, path)
+        info.update(architecture="e3cnn", equivariant=True)
     info.update(path=str(path), sha256=sha256(path), config=cfg.to_dict())
     return model.eval(), info
 
@@ -172,7 +191,10 @@ def save_native(path, model, kind, provenance=None, extra=None):
 
     from .atomic import atomic_path
 
-    if kind == "e3cnn":
+    own_kind = getattr(model, "checkpoint_kind", None)  # the rotation networks say which they are
+    if own_kind is not None and kind in ROTATION_KINDS and kind != own_kind:
+        raise ValueError(f"save_native: a {type(model).__name__} is saved as kind {own_kind!r}, not {kind!r}")
+    if kind in ROTATION_KINDS:
         state = model.learnable_state_dict()
     else:
         state = model.state_dict()

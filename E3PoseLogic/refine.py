@@ -26,6 +26,8 @@ import numpy as np
 REFINE_CHOICES = ("auto", "on", "off")
 CONSISTENCY_WEIGHT = 1.0  # see hypothesis_score
 NETWORK_BONUS = 0.05
+PLANE_LOGIT_WEIGHT = 0.2  # see hypothesis_score
+PLANE_LOGIT_CLIP = 5.0
 HIGHPASS_MM = 6.0  # Gaussian removed before the fine mirror fit (measured: 3.2 -> 1.0 deg on a biased head)
 
 
@@ -227,12 +229,21 @@ def normalise_slab(x):
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def read_plane(net, cube, sp, radius, plane, n_turns=8, shift=None):
-    """The network's canonical axes (cube frame) for one mirror plane, how consistent its answers are, and the
-    in-plane step (cube mm) from the plane's centre to the brain centre.
+@dataclass
+class Reading:
+    """What the 2D network says about one plane."""
+    rotation: np.ndarray  # canonical axes in the cube frame (columns)
+    consistency: float  # mean resultant length of the e_y, e_z answers (1 = all readings agree)
+    to_centre: np.ndarray  # in-plane step (cube mm) from the slab centre to the brain centre
+    plane_logit: Optional[float] = None  # mean logit that the plane is the mid-sagittal one (networks that have it)
+
+
+def read_plane(net, cube, sp, radius, plane, n_turns=8, shift=None) -> Reading:
+    """The network's reading of one mirror plane: canonical axes (cube frame), consistency, centre step and, when
+    the network has one, its mid-sagittal logit.
 
     The slabs are read from both sides and at ``n_turns`` in-plane angles (the network was trained on all of them);
-    the answers, turned back, are averaged. Consistency = mean resultant length of the answers (1 = all agree).
+    the answers, turned back, are averaged.
     """
     import torch
 
@@ -262,7 +273,8 @@ def read_plane(net, cube, sp, radius, plane, n_turns=8, shift=None):
     y, z = np.mean(ys, 0), np.mean(zs, 0)
     consistency = float((np.linalg.norm(y) + np.linalg.norm(z)) / 2.0)
     r, _ = axes_to_rotation(np.cross(y, z), y, z)
-    return r, consistency, np.median(cs, axis=0)
+    logit = float(np.mean(out[:, 6])) if out.shape[1] > 6 else None
+    return Reading(r, consistency, np.median(cs, axis=0), logit)
 
 
 def distinct_planes(planes, min_deg=5.0, exclude=()):
@@ -303,16 +315,19 @@ def refine_pose(net, array, ijk_to_ras, centre, rotation, brain_ml, move_centre=
         # compared after a quick precise fit: the fine score drops fast with a few degrees of misfit (the sample
         # head: 0.29 two degrees off, 0.92 on its plane), so unfitted planes would be ranked by their misfit
         plane = search.polish(plane, min_deg=1.0)
-        r_cube, consistency, _ = read_plane(net, cube, sp, radius, plane, n_turns=4)
-        hyps.append(dict(plane=plane, r_cube=r_cube, consistency=consistency,
-                         score=hypothesis_score(plane.score, consistency, plane.source == "network")))
+        reading = read_plane(net, cube, sp, radius, plane, n_turns=4)
+        hyps.append(dict(plane=plane, r_cube=reading.rotation, consistency=reading.consistency,
+                         plane_logit=reading.plane_logit,
+                         score=hypothesis_score(plane.score, reading.consistency, plane.source == "network",
+                                                reading.plane_logit)))
     hyps.sort(key=lambda h: -h["score"])
     plane = search.polish(hyps[0]["plane"])
-    r_cube, consistency, to_centre = read_plane(net, cube, sp, radius, plane)
+    first = read_plane(net, cube, sp, radius, plane)
     # read again with the slab centred where the network put the brain centre: its view then matches training
     # best (measured on the tuning set: translation 1.44 -> 1.37 mm median)
-    r_cube, consistency, step2 = read_plane(net, cube, sp, radius, plane, shift=to_centre)
-    to_centre = to_centre + step2
+    reading = read_plane(net, cube, sp, radius, plane, shift=first.to_centre)
+    r_cube, consistency = reading.rotation, reading.consistency
+    to_centre = first.to_centre + reading.to_centre
     rot = rot0 @ r_cube
     # the centre moves onto the mirror plane, then within it to where the network puts the brain centre
     shift = rot0 @ (plane.normal * plane.offset + to_centre) if move_centre else np.zeros(3)
@@ -327,16 +342,20 @@ def refine_pose(net, array, ijk_to_ras, centre, rotation, brain_ml, move_centre=
         "angle_moved_deg": float(geodesic_deg(rot0, rot)),
         "centre_moved_mm": float(np.linalg.norm(shift)),
         "hypotheses": [{"source": h["plane"].source, "score": h["score"], "mirror_score": h["plane"].score,
-                        "reading_consistency": h["consistency"],
+                        "reading_consistency": h["consistency"], "plane_logit": h["plane_logit"],
                         "angle_from_network_deg": float(geodesic_deg(np.eye(3), h["r_cube"]))} for h in hyps],
     }
     return Refinement(rotation=rot, translation=translation, info=info, candidates=[rot0 @ h["r_cube"] for h in hyps])
 
 
-def hypothesis_score(mirror_score, consistency, from_network):
+def hypothesis_score(mirror_score, consistency, from_network, plane_logit=None):
     """How a plane hypothesis is ranked: mirror correlation + weight x reading consistency (+ a bonus for the
-    E3-CNN's own plane). The weights were chosen on the tuning set (synth seeds 31 and 32), not the test set."""
-    return float(mirror_score + CONSISTENCY_WEIGHT * consistency + (NETWORK_BONUS if from_network else 0.0))
+    E3-CNN's own plane) + weight x the network's mid-sagittal log-odds, clipped (networks that have it). The
+    weights were chosen on the tuning set (synth seeds 31 and 32), not the test set."""
+    score = mirror_score + CONSISTENCY_WEIGHT * consistency + (NETWORK_BONUS if from_network else 0.0)
+    if plane_logit is not None:
+        score += PLANE_LOGIT_WEIGHT * float(np.clip(plane_logit, -PLANE_LOGIT_CLIP, PLANE_LOGIT_CLIP))
+    return float(score)
 
 
 def check_refine(refine: Optional[str]) -> str:

@@ -250,3 +250,60 @@ def test_pipeline_keeps_both_poses_and_a_given_masks_centre(refiner):
     off = pipe.run(array, affine, mask=mask, refine="off")
     assert off.confidence["refinement"]["applied"] is False
     np.testing.assert_allclose(off.rotation, res.network_rotation, atol=1e-9)
+
+
+def test_plane_logit_training_from_a_refiner(tmp_path):
+    """--plane-logit --init: a 7-output network that starts from the given refiner's weights (the old output rows
+    copied, the new one fresh) and learns; a missing --init file is an error naming it."""
+    import torch
+
+    from E3PoseLogic.checkpoints import load_refiner, save_native
+    from E3PoseLogic.networks.sagittal import SagittalConfig, SagittalNet
+
+    torch.manual_seed(0)
+    base = SagittalNet(SagittalConfig(n_feat=4))
+    save_native(tmp_path / "base.pt", base, "refiner", {"trained_on": "test"})
+    data, out = tmp_path / "data", tmp_path / "run"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "E3PoseLogic", *map(str, a)], capture_output=True,  # noqa: E731
+                                    text=True, cwd=tmp_path)
+    r = run("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0)
+    assert r.returncode == 0, r.stderr
+    args = ["train-refiner", data / "images", data / "labels", data / "poses.csv", out, "--batch-size", 4,
+            "--plane-logit"]
+    bad = run(*args, "--steps", 1, "--init", tmp_path / "missing.pt")
+    assert bad.returncode == 2 and "missing.pt" in bad.stderr and "Traceback" not in bad.stderr
+    # the CLI builds the default width; give it a checkpoint of that width
+    base = SagittalNet(SagittalConfig())
+    save_native(tmp_path / "base.pt", base, "refiner", {"trained_on": "test"})
+    r = run(*args, "--steps", 1, "--init", tmp_path / "base.pt")
+    assert r.returncode == 0, r.stderr
+    net, info = load_refiner(out / "refiner.pt")
+    assert net.config.plane_logit and info["init"].endswith("base.pt") and info["wrong_plane_fraction"] == 0.5
+    assert net.head[-1].weight.shape[0] == 7
+    # init_from itself: the six old output rows and every other weight copied, the seventh row left as it was
+    from E3PoseLogic.training.refiner_trainer import init_from
+
+    fresh = SagittalNet(SagittalConfig(plane_logit=True))
+    row7 = fresh.head[-1].weight[6].detach().clone()
+    init_from(fresh, tmp_path / "base.pt")
+    assert torch.equal(fresh.head[-1].weight[:6], base.head[-1].weight)
+    assert torch.equal(fresh.head[-1].weight[6], row7)
+    assert torch.equal(fresh.features[0][0].weight, base.features[0][0].weight)
+
+
+def test_plane_logit_prefers_the_mid_sagittal_plane(heads, refiner):
+    """The bundled refiner's plane logit (when it has one) is higher on each head's mid-sagittal plane than on its
+    coronal and axial planes: the cue that separates a head's left-right symmetry from its front-back one."""
+    from E3PoseLogic.refine import Plane, equivalent_radius, local_cube, read_plane
+
+    if not refiner.config.plane_logit:
+        pytest.skip("the bundled refinement network has no plane logit")
+    margins = []
+    for case, brain_ml in heads:
+        radius = equivalent_radius(brain_ml)
+        cube, sp = local_cube(case.image.astype(np.float32), case.affine, case.com_ras, case.rotation_ras, radius,
+                              refiner.config)
+        logit = {name: read_plane(refiner, cube, sp, radius, Plane(np.eye(3)[i], 0.0, 0.0), n_turns=4).plane_logit
+                 for i, name in enumerate(("sagittal", "coronal", "axial"))}
+        margins.append(logit["sagittal"] - max(logit["coronal"], logit["axial"]))
+    assert min(margins) > 0, np.round(margins, 2)

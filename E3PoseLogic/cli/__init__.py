@@ -17,6 +17,7 @@ COMMANDS = (
     "benchmark",
     "synth",
     "evaluate",
+    "compare",
     "train",
     "train_refiner",
     "qc",

@@ -27,6 +27,7 @@ def run(args):
         return 1
     provenance = {"converted_from": info["path"], "source_sha256": info["sha256"], "source_format": info["format"],
                   "trained_on": args.trained_on or info.get("trained_on")}
-    save_native(args.output, model, args.kind, provenance)
-    print(f"wrote {args.output} ({args.kind}, from {info['format']})")
+    kind = getattr(model, "checkpoint_kind", args.kind)  # "e3cnn" also loads the standard-CNN baseline
+    save_native(args.output, model, kind, provenance)
+    print(f"wrote {args.output} ({kind}, from {info['format']})")
     return 0

@@ -76,14 +76,35 @@ def register(subparsers) -> None:
     p.add_argument("outdir", help="output folder")
     _common(p, dict(batch=1, optimizer="sgd", lr=0.01, wd=3e-5))
     g = p.add_argument_group("architecture")
-    g.add_argument("--mult", type=int, default=2, help="irreps multiplicity at level 0 (default 2)")
-    g.add_argument("--n-downsample", type=int, default=4, help="number of 2x poolings (default 4)")
-    g.add_argument("--lmax", type=int, default=4, help="spherical-harmonics order of the filters (default 4)")
-    g.add_argument("--crop-size", type=int, default=64, help="largest side of the E3-CNN input (default 64)")
+    g.add_argument("--arch", choices=("e3cnn", "standard"), default="e3cnn",
+                   help="e3cnn (default): the E(3)-equivariant CNN; standard: a plain 3D CNN baseline (conv + norm + "
+                        "ReLU, stride-2 down-sampling, average pool to 3^3, 6D rotation head; not equivariant), "
+                        "trained with the geodesic loss; its checkpoints load wherever an E3-CNN's do (--e3cnn)")
+    g.add_argument("--mult", type=int, default=2, help="E3-CNN: irreps multiplicity at level 0 (default 2)")
+    g.add_argument("--n-downsample", type=int, default=4,
+                   help="number of 2x down-samplings (poolings; stride-2 convolutions for --arch standard) "
+                        "(default 4)")
+    g.add_argument("--lmax", type=int, default=4, help="E3-CNN: spherical-harmonics order of the filters (default 4)")
+    g.add_argument("--width", type=int, default=6,
+                   help="standard CNN: channels at level 0, doubling per level (default 6: with --n-downsample 2 "
+                        "about the parameter count of the bundled E3-CNN)")
+    g.add_argument("--n-conv", type=int, default=2, help="standard CNN: convolution blocks per level (default 2)")
+    g.add_argument("--norm", choices=("instance", "batch"), default="instance",
+                   help="standard CNN: normalisation (default instance, per sample as the E3-CNN)")
+    g.add_argument("--crop-size", type=int, default=64,
+                   help="largest side of the rotation network's input (default 64)")
     g.add_argument("--published-pooling", action="store_true",
-                   help="published pooling of 0o scalars (not mirror-exact); default: parity-exact pooling")
-    g.add_argument("--loss", choices=("axes", "geodesic"), default="axes",
-                   help="axes (published, per voxel on the unpooled map) or geodesic (pooled rotation angle)")
+                   help="E3-CNN: published pooling of 0o scalars (not mirror-exact); default: parity-exact pooling")
+    g.add_argument("--loss", choices=("axes", "geodesic"), default=None,
+                   help="axes (published, per voxel on the unpooled map; default for --arch e3cnn) or geodesic "
+                        "(pooled rotation angle; the only choice, and default, for --arch standard)")
+    g = p.add_argument_group("pose range (SO(3) generalisation experiments)")
+    g.add_argument("--pose-range", type=float, metavar="DEG", default=None,
+                   help="train only on heads near one orientation: every crop is turned so that its target pose has "
+                        "Euler angles U(+-DEG) about each array axis relative to the reference orientation "
+                        "(replaces --rotation-deg; >= 180 = uniform over SO(3)); validation reports the validation "
+                        "cases turned into that range (val_*, which choose best.pt) and at their own poses "
+                        "(val_any_pose_*). Default: off")
     p.set_defaults(func=run_e3cnn)
 
 
@@ -127,5 +148,31 @@ def run_unet(args: argparse.Namespace) -> int:
     return _run(args, "unet_trainer")
 
 
+def _check_e3cnn(args):
+    if args.arch == "standard":
+        if args.loss == "axes":
+            return ("--loss axes supervises the unpooled per-voxel map, which --arch standard does not have: use "
+                    "--loss geodesic (its default)")
+        if args.width < 1 or args.n_conv < 1 or args.n_downsample < 0:
+            return "--width and --n-conv must be at least 1, --n-downsample at least 0"
+        if args.norm == "instance" and -(-args.crop_size // 2 ** args.n_downsample) < 2:
+            return (f"--crop-size {args.crop_size} with --n-downsample {args.n_downsample} leaves one voxel at the "
+                    "last level, where instance norm is undefined: fewer down-samplings or a larger crop")
+    if args.pose_range is not None:
+        if args.pose_range < 0:
+            return "--pose-range must be >= 0 degrees"
+        if args.no_augment:
+            return "--pose-range is a rotation augmentation: it cannot be combined with --no-augment"
+    return ""
+
+
 def run_e3cnn(args: argparse.Namespace) -> int:
+    problem = _check_e3cnn(args)
+    if problem:
+        import sys
+
+        print(f"e3pose {args.command}: {problem}", file=sys.stderr)
+        return 2
+    if args.loss is None:  # resolved here, so train_config.json records the loss used
+        args.loss = "geodesic" if args.arch == "standard" else "axes"
     return _run(args, "e3cnn_trainer")

@@ -23,6 +23,11 @@ def register(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--resume", action="store_true", help="continue from OUTDIR/last.pt")
+    p.add_argument("--init", metavar="REFINER_PT",
+                   help="start from this refinement network's weights (e.g. the bundled refiner.pt)")
+    p.add_argument("--plane-logit", action="store_true",
+                   help="also learn whether the slabs lie along the mid-sagittal plane (half of each batch is slabs "
+                        "along wrong planes); the refinement then ranks its plane hypotheses with it")
     p.add_argument("--trained-on", metavar="TEXT", default="", help="training-data description for the checkpoint")
     p.set_defaults(func=run)
 
@@ -40,6 +45,9 @@ def run(args):
     from ..training.refiner_trainer import prepare_cubes, train
     from ..volume_io import iter_inputs, volume_name
 
+    if args.steps is not None and args.steps < 1:
+        print("e3pose train-refiner: --steps must be at least 1", file=sys.stderr)
+        return 2
     torch.set_num_threads(max(1, args.threads))
     for path, what in ((args.train_img, "images folder"), (args.train_lab, "labels folder")):
         if not Path(path).is_dir():
@@ -54,6 +62,15 @@ def run(args):
     except ValueError as exc:
         print(f"e3pose train-refiner: {exc}", file=sys.stderr)
         return 2
+    if args.init:
+        from ..checkpoints import load_refiner
+        from ..errors import E3PoseError
+
+        try:
+            load_refiner(args.init)
+        except E3PoseError as exc:
+            print(f"e3pose train-refiner: --init: {exc}", file=sys.stderr)
+            return 2
     images = [p for p in iter_inputs([args.train_img]) if volume_name(p) in truth]
     labels = {volume_name(p): p for p in iter_inputs([args.train_lab])}
     images = [p for p in images if volume_name(p) in labels]
@@ -61,7 +78,7 @@ def run(args):
         print(f"e3pose train-refiner: no image in {args.train_img} has both a label in {args.train_lab} and a row "
               f"in {args.annotations}", file=sys.stderr)
         return 2
-    cfg = SagittalConfig()
+    cfg = SagittalConfig(plane_logit=args.plane_logit)
     rng = np.random.default_rng([args.seed, 1])
     bar = tqdm(total=len(images), unit="volume", desc="resampling", file=sys.stderr)
     cubes = prepare_cubes(images, labels, truth, cfg, rng, progress=bar.update)
@@ -69,6 +86,7 @@ def run(args):
     trained_on = args.trained_on or f"{len(cubes)} annotated volumes from {args.train_img}"
     path = train(cubes, args.outdir, cfg, args.minutes, seed=args.seed, batch=args.batch_size, lr=args.lr,
                  resume=Path(args.outdir) / "last.pt" if args.resume else None, max_steps=args.steps,
-                 log=lambda m: print(m, file=sys.stderr), provenance={"trained_on": trained_on})
+                 log=lambda m: print(m, file=sys.stderr), provenance={"trained_on": trained_on},
+                 init=args.init)
     print(f"e3pose train-refiner: wrote {path}")
     return 0

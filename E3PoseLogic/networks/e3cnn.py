@@ -72,6 +72,9 @@ class E3CNN(torch.nn.Module):
     """Input [B, 1, X, Y, Z] in [0, 1] -> [B, 9] = (pseudovector, vector a, vector b), components along the array
     axes. ``forward(x, pool=False)`` returns the unpooled map [B, 9, x, y, z] that training supervises."""
 
+    checkpoint_kind = "e3cnn"  # native checkpoint kind (networks.standard_cnn.StandardCNN: "standard_cnn")
+    equivariant = True
+
     def __init__(self, cfg: E3CNNConfig | None = None):
         super().__init__()
         self.config = cfg or E3CNNConfig()

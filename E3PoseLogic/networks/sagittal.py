@@ -25,6 +25,10 @@ class SagittalConfig(_Serialisable):
     n_feat: int = 12
     cube_voxels_per_radius: float = 20.0  # local cube spacing = radius / this
     cube_side: float = 3.6  # local cube side in radii
+    # a 7th output: the logit that the slabs are parallel to the mid-sagittal plane. The mirror score alone cannot
+    # tell the mid-sagittal plane from a coronal one in a head that is nearly as symmetric front-to-back; the
+    # anatomy seen in the slab can (one hemisphere's medial face, brainstem and vermis against two hemispheres)
+    plane_logit: bool = False
 
 
 def _block(c_in, c_out):
@@ -34,8 +38,9 @@ def _block(c_in, c_out):
 
 
 class SagittalNet(nn.Module):
-    """[B, C, S, S] slabs -> [B, 6]: e_y, e_z (2D vectors in slab coordinates, not normalised) and the brain
-    centre's offset from the slab centre (slab coordinates, in units of the equivalent radius)."""
+    """[B, C, S, S] slabs -> [B, 6 or 7]: e_y, e_z (2D vectors in slab coordinates, not normalised), the brain
+    centre's offset from the slab centre (slab coordinates, in units of the equivalent radius) and, with
+    ``plane_logit``, the logit that the slabs lie along the mid-sagittal plane."""
 
     def __init__(self, cfg: SagittalConfig | None = None):
         super().__init__()
@@ -45,7 +50,7 @@ class SagittalNet(nn.Module):
                                       _block(4 * f, 4 * f))
         side = cfg.size // 16
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * f * side * side, 128), nn.ReLU(inplace=True),
-                                  nn.Linear(128, 6))
+                                  nn.Linear(128, 7 if cfg.plane_logit else 6))
 
     def forward(self, x):
         return self.head(self.features(x))

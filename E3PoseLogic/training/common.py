@@ -225,7 +225,7 @@ def fit(task, args, dist: Dist):
             print(f"initialised from {args.init}", file=sys.stderr)
     rows, start_epoch, best, best_epoch, elapsed0 = [], 0, math.inf, None, 0.0
     if args.resume:
-        state = resume_state(out / LAST, model, opt)
+        state = resume_state(out / LAST, model, opt, kind=task.kind)
         if state is not None:
             start_epoch, best, best_epoch, elapsed0 = state["epoch"], state["best_val"], state["best_epoch"], \
                 state["elapsed_s"]
@@ -320,6 +320,9 @@ def init_weights(model, path, kind):
 
     loader = checkpoints.load_unet if kind == "unet" else checkpoints.load_e3cnn
     source, _ = loader(path)
+    if type(source) is not type(model):  # e.g. an E3-CNN checkpoint for --arch standard
+        raise RuntimeError(f"{path}: holds a {type(source).__name__}, but the training options build a "
+                           f"{type(model).__name__} (check --arch)")
     try:  # parameters, and statistics such as BatchNorm's running mean and variance
         model.load_state_dict(source.state_dict())
     except RuntimeError as exc:
@@ -334,8 +337,9 @@ def _row_of(rows, epoch):
     return {}
 
 
-def resume_state(path, model, opt):
-    """Load model + optimiser from a ``last.pt``; None if there is none. Uses weights_only loading."""
+def resume_state(path, model, opt, kind=None):
+    """Load model + optimiser from a ``last.pt``; None if there is none. Uses weights_only loading. ``kind``: the
+    checkpoint kind the run writes; a ``last.pt`` of another kind (e.g. another --arch) is refused."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -343,6 +347,9 @@ def resume_state(path, model, opt):
     state = obj.get("training_state")
     if state is None:
         raise RuntimeError(f"{path} has no training state (not a last.pt of e3pose training)")
+    if kind is not None and obj.get("kind") not in (None, kind):
+        raise RuntimeError(f"{path} is a '{obj.get('kind')}' checkpoint but this run trains a '{kind}' "
+                           "(use the same options as the first run, e.g. --arch)")
     missing, unexpected = model.load_state_dict(obj["state_dict"], strict=False)
     params = {k for k, _ in model.named_parameters()}
     if [k for k in missing if k in params] or unexpected:

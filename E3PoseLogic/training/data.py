@@ -194,13 +194,34 @@ def augment_unet(x, y, rng, rotation_deg: float, spacing: float, intensity: bool
     return x, y
 
 
-def augment_crop(case: CropCase, rng, rotation_deg: float, intensity: bool = True):
+def pose_in_range(case: CropCase, rng, pose_range_deg: float) -> CropCase:
+    """The crop turned about its centre so that its target pose is a draw Q near the reference orientation.
+
+    Q (the new R_target: canonical axes in the array frame) has Euler angles U(+-DEG) about the array axes relative
+    to the identity (``augment.random_rotation_matrix``: Q = Rx Ry Rz; >= 180: uniform over SO(3)). The content is
+    turned by A = Q^T R_vc, so that R_target = R_vc A^T = Q: whatever the case's own pose, the network only sees
+    heads within DEG of one orientation. The mask turns with it (nearest).
+    """
+    q = augment.random_rotation_matrix(rng, rotation_limit(pose_range_deg))
+    A = q.T @ np.asarray(case.r_vc, np.float64)
+    x = augment.rotate_about_centre(case.x, A, order=1)
+    m = augment.rotate_about_centre(case.mask, A, order=0)
+    return CropCase(case.frame_id, x, m, case.spacing_mm, q)
+
+
+def augment_crop(case: CropCase, rng, rotation_deg: float, intensity: bool = True,
+                 pose_range: Optional[float] = None):
     """Rotation A of the crop about its centre (array-axis frame), then the intensity chain.
 
-    Returns (x, R_target) with R_target = R_vc A^T: the canonical axes moved with the content.
+    Returns (x, R_target) with R_target = R_vc A^T: the canonical axes moved with the content. ``pose_range``
+    (degrees, None = off) replaces the rotation relative to the case's own pose (``rotation_deg``) by a pose drawn
+    near the reference orientation (``pose_in_range``).
     """
     x, m, target = case.x, case.mask, case.r_vc
-    if rotation_deg > 0:
+    if pose_range is not None:
+        turned = pose_in_range(case, rng, pose_range)
+        x, m, target = turned.x, turned.mask, turned.r_vc
+    elif rotation_deg > 0:
         x, m, A = augment.random_rotation(x, m, rng, rotation_limit(rotation_deg), spacing=1.0)
         target = case.r_vc @ A.T
     if intensity:

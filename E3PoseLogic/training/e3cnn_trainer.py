@@ -3,6 +3,13 @@
 Each volume goes through ``preprocess.unet_input`` (the grid of the U-Net it will be paired with: ``--unet-size``,
 ``--unet-spacing``) and ``crop.crop_for_e3cnn`` with the true brain mask, exactly as inference does with the
 predicted mask. New models use parity-exact pooling unless ``--published-pooling``.
+
+``--arch standard`` trains the non-equivariant baseline (``networks.standard_cnn``) on the same data, crops,
+augmentation and schedule; it has no per-voxel output, so its loss is the geodesic one. ``--pose-range DEG`` (either
+architecture) turns every training crop to a pose within DEG (Euler angles per axis) of the reference orientation
+(``data.pose_in_range``) instead of rotating it relative to its own pose; validation then reports both the
+validation cases turned into that range (``val_loss``, ``val_median_rot_deg``, ...: the training distribution, which
+picks ``best.pt``) and the cases at their own poses (``val_any_pose_*``).
 """
 from __future__ import annotations
 
@@ -13,30 +20,70 @@ import torch
 
 from ..networks.config import E3CNNConfig
 from ..networks.e3cnn import E3CNN
+from ..networks.standard_cnn import StandardCNN, StandardCNNConfig
 from . import data
 from .common import base_provenance
-from .losses import geodesic_loss, no_autocast, rotation_errors_deg, voxel_axes_loss
+from .losses import frame_geodesic_loss, geodesic_loss, no_autocast, rotation_errors_deg, voxel_axes_loss
+
+
+# the validation cases turned into --pose-range: a fixed draw, the same for every run and training seed
+POSE_RANGE_VAL_SEED = 20_260_417
+
+
+def arch_of(args):
+    return getattr(args, "arch", "e3cnn") or "e3cnn"
+
+
+def resolve_loss(args):
+    """--loss default: axes (published) for the E3-CNN, geodesic for the standard CNN, which has no unpooled map
+    for the per-voxel loss (asking for that is an error)."""
+    loss = getattr(args, "loss", None)
+    if arch_of(args) == "standard":
+        if loss == "axes":
+            raise ValueError("--loss axes supervises the unpooled per-voxel map, which the standard CNN does not "
+                             "have: use --loss geodesic (the default for --arch standard)")
+        return "geodesic"
+    return loss or "axes"
 
 
 class E3CNNTask:
-    kind = "e3cnn"
-    metric_keys = ("val_median_rot_deg", "val_p95_rot_deg")
+    kind = "e3cnn"  # class defaults (the E3-CNN); __init__ sets them per --arch
     title = "E3-CNN training"
-    find_unused = True  # the published zero-size bias never receives a gradient
+    find_unused = True
+    arch = "e3cnn"
+    metric_keys = ("val_median_rot_deg", "val_p95_rot_deg")
 
     def __init__(self, args, train_cache, val_cache, trained_on):
         self.args = args
-        self.cfg = E3CNNConfig(n_downsample=args.n_downsample, mult=args.mult, lmax=args.lmax,
-                               crop_size=args.crop_size, parity_exact_pool=not args.published_pooling)
-        self.model = E3CNN(self.cfg)
+        args.loss = resolve_loss(args)
+        self.arch = arch_of(args)
+        if self.arch == "standard":
+            self.cfg = StandardCNNConfig(n_downsample=args.n_downsample, width=getattr(args, "width", 6),
+                                         n_conv=getattr(args, "n_conv", 2), norm=getattr(args, "norm", "instance"),
+                                         crop_size=args.crop_size)
+            self.model = StandardCNN(self.cfg)
+            self.kind, self.title, self.find_unused = "standard_cnn", "standard CNN training", False
+        else:
+            self.cfg = E3CNNConfig(n_downsample=args.n_downsample, mult=args.mult, lmax=args.lmax,
+                                   crop_size=args.crop_size, parity_exact_pool=not args.published_pooling)
+            self.model = E3CNN(self.cfg)
+            # find_unused: the published zero-size bias never receives a gradient
+            self.kind, self.title, self.find_unused = "e3cnn", "E3-CNN training", True
         self.train_cache, self.val_cache, self.trained_on = train_cache, val_cache, trained_on
+        self.pose_range = getattr(args, "pose_range", None)
+        self.val_in_range = None
+        if self.pose_range is not None:
+            self.val_in_range = [data.pose_in_range(c, np.random.default_rng([POSE_RANGE_VAL_SEED, i]),
+                                                    self.pose_range) for i, c in enumerate(val_cache)]
+            self.metric_keys = self.metric_keys + ("val_any_pose_median_rot_deg",)
 
     def train_dataset(self, n_items, rank, world):
         aug = not self.args.no_augment
         rot = self.args.rotation_deg if aug else 0.0
+        pose_range = self.pose_range
 
         def make(case, rng):
-            return data.augment_crop(case, rng, rot, intensity=aug)
+            return data.augment_crop(case, rng, rot, intensity=aug, pose_range=pose_range)
 
         return data.DrawDataset(self.train_cache, n_items, make, self.args.seed, rank, world)
 
@@ -57,7 +104,10 @@ class E3CNNTask:
 
     def _loss(self, net, x, r):
         # The E3-CNN always runs in float32, also under --amp: in bf16 its norm-based gates and normalisation gave
-        # non-finite outputs within a few steps (seen in this project's tests). --amp still speeds up the U-Net.
+        # non-finite outputs within a few steps (seen in this project's tests). --amp still speeds up the U-Net
+        # and the standard CNN (whose rotation maths, in the loss, is float32 regardless).
+        if self.arch == "standard":
+            return frame_geodesic_loss(net(x, pool=True), r)
         with no_autocast(x):
             if self.args.loss == "geodesic":
                 return geodesic_loss(net(x, pool=True), r)
@@ -71,31 +121,56 @@ class E3CNNTask:
             n += len(x)
         return total / n
 
-    def validate(self, model, device):
-        """Loss (the training loss, unaugmented) and geodesic error of the pooled prediction, in degrees."""
+    def _validate_cases(self, model, device, cases, prefix):
         losses, errors = [], []
-        for case in self.val_cache:
-            x = torch.from_numpy(case.x)[None, None].to(device)
+        for case in cases:
+            x = torch.from_numpy(np.ascontiguousarray(case.x, np.float32))[None, None].to(device)
             r = torch.as_tensor(case.r_vc, dtype=torch.float32)[None].to(device)
             with no_autocast(x):  # float32, as in training
-                unpooled = model(x, pool=False)
-                pooled = model.net.pool(unpooled).flatten(1)
-            if self.args.loss == "geodesic":
+                if self.arch == "standard":
+                    unpooled, pooled = None, model(x).float()
+                else:
+                    unpooled = model(x, pool=False)
+                    pooled = model.net.pool(unpooled).flatten(1)
+            if self.arch == "standard":
+                losses.append(float(frame_geodesic_loss(pooled, r)))
+            elif self.args.loss == "geodesic":
                 losses.append(float(geodesic_loss(pooled, r)))
             else:
                 losses.append(float(voxel_axes_loss(unpooled, r)))
             errors.append(float(rotation_errors_deg(pooled, r)[0]))
         e = np.asarray(errors) if errors else np.array([np.nan])
-        return {"val_loss": float(np.mean(losses)) if losses else float("nan"),
-                "val_median_rot_deg": float(np.median(e)), "val_p95_rot_deg": float(np.percentile(e, 95)),
-                "val_success_10deg": float(np.mean(e <= 10)), "val_success_30deg": float(np.mean(e <= 30))}
+        return {f"{prefix}loss": float(np.mean(losses)) if losses else float("nan"),
+                f"{prefix}median_rot_deg": float(np.median(e)), f"{prefix}p95_rot_deg": float(np.percentile(e, 95)),
+                f"{prefix}success_10deg": float(np.mean(e <= 10)), f"{prefix}success_30deg": float(np.mean(e <= 30))}
+
+    def validate(self, model, device):
+        """Loss (the training loss, unaugmented) and geodesic error of the pooled prediction, in degrees. With
+        --pose-range: on the validation cases turned into the range (the training distribution), and, as
+        ``val_any_pose_*``, on the cases at their own poses."""
+        if self.val_in_range is None:
+            return self._validate_cases(model, device, self.val_cache, "val_")
+        return {**self._validate_cases(model, device, self.val_in_range, "val_"),
+                **self._validate_cases(model, device, self.val_cache, "val_any_pose_")}
 
     def provenance(self, args, epochs_done, elapsed_s, device, best_epoch, best_row):
         return base_provenance(args, self.kind, self.trained_on, len(self.train_cache), len(self.val_cache),
                                epochs_done, elapsed_s, device, best_epoch, best_row, extra={
-                                   "loss": "geodesic (pooled)" if args.loss == "geodesic" else
-                                   "0.5 |p x e_x| + |a - e_y| + |b - e_z| per voxel (unpooled)",
+                                   "arch": self.arch, "equivariant": self.arch != "standard",
+                                   "loss": "geodesic (Gram-Schmidt frame of the 6D head, as is)"
+                                   if self.arch == "standard" else "geodesic (pooled)" if args.loss == "geodesic"
+                                   else "0.5 |p x e_x| + |a - e_y| + |b - e_z| per voxel (unpooled)",
                                    "augmentation": "none" if args.no_augment else dict(data.E3CNN_AUG),
+                                   "pose_range_deg": None if self.pose_range is None else float(self.pose_range),
+                                   "rotation_sampling": (
+                                       "none" if args.no_augment else
+                                       f"training poses drawn within +-{self.pose_range:g} deg (Euler angles per "
+                                       "axis) of the reference orientation; --rotation-deg unused; validation "
+                                       "metrics on the validation cases turned into that range (fixed draw), "
+                                       "val_any_pose_* at their own poses"
+                                       if self.pose_range is not None else
+                                       f"each crop rotated relative to its own pose, Euler angles U(+-"
+                                       f"{args.rotation_deg:g}) per axis (>= 180: uniform over SO(3))"),
                                    "annotations": str(args.annotations),
                                    "unet_grid": {"size": args.unet_size, "spacing_mm": args.unet_spacing},
                                })
@@ -107,7 +182,8 @@ def run(args) -> int:
     ann = data.read_annotations(args.annotations)
     dist, trained_on, train_cases, val_cases = start_run(args)
     if dist.main:
-        print(f"E3-CNN: {len(train_cases)} training, {len(val_cases)} validation cases; U-Net grid "
+        name = "standard CNN" if arch_of(args) == "standard" else "E3-CNN"
+        print(f"{name}: {len(train_cases)} training, {len(val_cases)} validation cases; U-Net grid "
               f"{args.unet_size}^3 at {args.unet_spacing} mm, crop {args.crop_size}; trained_on: {trained_on}",
               file=sys.stderr)
     prep = (args.unet_spacing, args.unet_size, E3CNNConfig().crop_scale, args.crop_size)

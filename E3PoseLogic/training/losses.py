@@ -102,6 +102,15 @@ def geodesic_loss(pooled, r_target):
     return geodesic_angle(predicted_rotation(pooled), r_target.float().transpose(-1, -2)).mean()
 
 
+def frame_geodesic_loss(pooled, r_target):
+    """``geodesic_loss`` for outputs whose (p, a, b) already are a proper orthonormal frame (the standard CNN's
+    Gram-Schmidt head): the frame is the rotation, taken as is. Going through ``predicted_rotation`` instead gives the
+    same value but no usable gradient: torch's SVD backward divides by s_i^2 - s_j^2, and an orthonormal frame has
+    all singular values 1 (non-finite gradients from the first step)."""
+    r_pred = pooled.float().reshape(-1, 3, 3).transpose(-1, -2)  # rows p, a, b -> columns e_x, e_y, e_z
+    return geodesic_angle(r_pred, r_target.float().transpose(-1, -2)).mean()
+
+
 def rotation_errors_deg(pooled, r_target) -> np.ndarray:
     """Validation metric: geodesic error per sample in degrees (no gradient)."""
     with torch.no_grad():

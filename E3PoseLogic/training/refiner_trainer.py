@@ -57,14 +57,34 @@ def _rot_about(axis, angle):
     return Rotation.from_rotvec(np.asarray(axis, float) / np.linalg.norm(axis) * angle).as_matrix()
 
 
+def wrong_plane_normal(rng, min_deg=20.0, tilt_sd_deg=10.0):
+    """A plane normal at least ``min_deg`` from e_x: half of them near e_y or e_z (the coronal and axial planes,
+    the mirror search's usual wrong answers), the rest anywhere."""
+    x = np.array([1.0, 0.0, 0.0])
+    while True:
+        if rng.random() < 0.5:
+            axis = np.eye(3)[1 + int(rng.integers(2))]
+            n = _rot_about(np.cross(axis, rng.normal(size=3)), np.radians(rng.normal(0.0, tilt_sd_deg))) @ axis
+        else:
+            n = rng.normal(size=3)
+            n /= np.linalg.norm(n)
+        if np.degrees(np.arccos(min(1.0, abs(float(n @ x))))) >= min_deg:
+            return n
+
+
 def draw_sample(cube, sp, radius, err, cfg, rng, tilt_sd_deg=4.0, offset_sd_mm=1.5, shift_sd_mm=2.0, warp_sd=0.04,
-                scale_sd=0.08):
-    """One training slab [C, S, S] and its target [6]: e_y, e_z and the brain centre, in slab coordinates."""
+                scale_sd=0.08, wrong_plane=False):
+    """One training slab [C, S, S] and its target [6]: e_y, e_z and the brain centre, in slab coordinates.
+
+    ``wrong_plane``: the slabs lie along a plane that is not the mid-sagittal one (``wrong_plane_normal``), a
+    negative for the plane logit; its e_y, e_z targets are then the axes' projections and are not trained on.
+    """
     from scipy import ndimage
 
     x = np.array([1.0, 0.0, 0.0])
     tangent = np.cross(x, rng.normal(size=3))
-    n = _rot_about(tangent, np.radians(rng.normal(0.0, tilt_sd_deg))) @ x
+    n = wrong_plane_normal(rng) if wrong_plane else \
+        _rot_about(tangent, np.radians(rng.normal(0.0, tilt_sd_deg))) @ x
     if rng.random() < 0.5:
         n = -n
     u, v = slab_basis(n)
@@ -110,11 +130,38 @@ def random_contrast(slab, rng):
     return (x / q if q > 0 else x).astype(np.float32)
 
 
+def init_from(net, path):
+    """Start from a trained refinement network: every weight whose shape matches, and the first rows of an output
+    layer that gained the plane logit (its new row keeps its fresh initialisation)."""
+    import torch
+
+    from ..checkpoints import load_refiner
+
+    old, _ = load_refiner(path)
+    src, dst = old.state_dict(), net.state_dict()
+    with torch.no_grad():
+        for k, v in dst.items():
+            if k not in src:
+                continue
+            w = src[k]
+            if w.shape == v.shape:
+                v.copy_(w)
+            elif w.dim() >= 1 and w.shape[1:] == v.shape[1:] and w.shape[0] < v.shape[0]:
+                v[: w.shape[0]].copy_(w)
+    return net
+
+
+PLANE_LOSS_WEIGHT = 1.0  # binary cross-entropy of the plane logit, next to the regression loss (about 1 at start)
+
+
 def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, log=print, provenance=None,
-          max_steps=None):
+          max_steps=None, init=None, wrong_plane_fraction=0.5):
     """Adam on the squared error of the unit targets; checkpoint (native 'refiner') every few minutes.
 
     The learning rate is cosine-annealed over ``max_steps`` when given (reproducible), else over the time budget.
+    With ``cfg.plane_logit``, a share ``wrong_plane_fraction`` of each batch is slabs along wrong planes: they train
+    the plane logit only (binary cross-entropy), the mid-sagittal ones train everything. ``init``: a refinement
+    checkpoint to start from (``init_from``).
     """
     import torch
 
@@ -127,6 +174,9 @@ def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, 
     torch.manual_seed(seed)
     weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 4.0, 4.0])  # centre in radii: 0.5 radius ~ 17 mm weighs like 1 unit
     net = SagittalNet(cfg)
+    if init is not None:
+        init_from(net, init)
+    n_wrong = int(round(batch * wrong_plane_fraction)) if cfg.plane_logit else 0
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     step, elapsed0, history = 0, 0.0, []
     if resume and Path(resume).is_file():
@@ -145,7 +195,8 @@ def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, 
     def save():
         elapsed = elapsed0 + time.perf_counter() - t0
         prov = dict(provenance or {}, steps=step, batch_size=batch, lr=lr, seed=seed, training_time_s=elapsed,
-                    n_volumes=len(cubes), history=history[-50:])
+                    n_volumes=len(cubes), history=history[-50:], init=str(init) if init else None,
+                    wrong_plane_fraction=n_wrong / batch)
         save_native(out_dir / "refiner.pt", net.eval(), "refiner", prov)
         torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
                     "elapsed_s": elapsed, "history": history}, out_dir / "last.pt")
@@ -159,14 +210,18 @@ def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, 
 
     while progress() < 1.0:
         xs, ys = [], []
-        for _ in range(batch):
-            slab, target = draw_sample(*cubes[int(rng.integers(len(cubes)))], cfg, rng)
+        for i in range(batch):
+            slab, target = draw_sample(*cubes[int(rng.integers(len(cubes)))], cfg, rng, wrong_plane=i < n_wrong)
             xs.append(random_contrast(slab, rng))
             ys.append(target)
         x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
         for g in opt.param_groups:
             g["lr"] = float(lr * 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress()))))
-        loss = ((net(x) - y) ** 2 * weights).sum(1).mean()
+        out = net(x)
+        loss = ((out[n_wrong:, :6] - y[n_wrong:]) ** 2 * weights).sum(1).mean()
+        if cfg.plane_logit:
+            label = torch.cat([torch.zeros(n_wrong), torch.ones(batch - n_wrong)])
+            loss = loss + PLANE_LOSS_WEIGHT * torch.nn.functional.binary_cross_entropy_with_logits(out[:, 6], label)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -44,7 +44,10 @@ def main(argv=None):
     card_path = Path(args.card)
     card = json.loads(card_path.read_text())
     held = {}
-    texts = dict(args.describe)
+    old = card.get("held_out_test") or {}
+    # a set keeps the description it already has unless --describe gives a new one
+    texts = {name: entry.get("description", "") for name, entry in old.items() if isinstance(entry, dict)}
+    texts.update(dict(args.describe))
     for name, folder in args.set:
         summary = json.loads((Path(folder) / "summary.json").read_text())
         entry = {"description": texts.get(name, ""), "all": block(summary)}
