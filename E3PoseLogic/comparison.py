@@ -19,9 +19,9 @@ import numpy as np
 
 # The external registration packages the comparison knows of: their pins clash with this package's environment
 # (antspyx 0.6.3: numpy < 2.4 and scipy < 1.16; fireants 1.5.0: SimpleITK 2.2.1), so they are never installed here.
-EXTERNAL_TOOLS = {
-    "ants": ("ants", "ANTs (antspyx) similarity registration"),
-    "fireants": ("fireants", "FireANTs registration"),
+EXTERNAL_TOOLS = {  # name: (import name, pip name, label)
+    "ants": ("ants", "antspyx", "ANTs (antspyx) similarity registration"),
+    "fireants": ("fireants", "fireants", "FireANTs registration"),
 }
 
 
@@ -93,12 +93,12 @@ def external_tools() -> List[SkippedMethod]:
     """ANTs and FireANTs rows: not installed (they must live in their own environment), or installed but with no
     adapter in this harness yet; either way the row says which."""
     out = []
-    for name, (module, label) in EXTERNAL_TOOLS.items():
+    for name, (module, package, label) in EXTERNAL_TOOLS.items():
         if importlib.util.find_spec(module) is None:
-            why = (f"not installed: {module} pins versions this environment cannot take; install it in its own "
-                   "virtual environment")
+            why = (f"not installed ({package} pins numpy, scipy or SimpleITK versions this environment cannot "
+                   "take: it needs its own virtual environment)")
         else:
-            why = f"{module} is installed, but this harness has no adapter for it yet"
+            why = f"{package} is installed, but this harness has no adapter for it yet"
         out.append(SkippedMethod(name, label, why))
     return out
 

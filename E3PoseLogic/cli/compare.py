@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
             save_json(d / "failures.json", res.errors)
         if res.name not in cached:
             cmp.save_result(d, res, csv, next(m.key() for m in methods if m.name == res.name))
-    machine = f"{platform.processor() or platform.machine()}, {_cores()} CPU cores, {args.device}"
+    machine = f"{_cpu_name() or platform.processor() or platform.machine()}, {_cores()} CPU cores, {args.device}"
     meta = dict(date=date.today().isoformat(), machine=machine, test_csv=str(csv), n_volumes=len(ids),
                 slow_volumes=len(subsets["registration-multistart"]),
                 moments_volumes=len(subsets["registration-moments"]))
@@ -223,6 +223,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}/comparison.md, comparison.csv, comparison.json, error_by_magnitude.png"
           + (", so3_generalisation.png" if gen else ""))
     return 0
+
+
+def _cpu_name():
+    """The CPU model from /proc/cpuinfo (Linux), or None."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _cores():
