@@ -187,11 +187,12 @@ def save_npy(path, array, atomic: bool = True) -> Path:
 
 def save_json(path, obj, indent: int = 2, atomic: bool = True) -> Path:
     """JSON with numpy arrays/scalars and paths converted (results carry all three)."""
-    text = json.dumps(obj, indent=indent, default=_json_default, allow_nan=True) + "\n"
+    text = json.dumps(obj, indent=indent, default=json_default, allow_nan=True) + "\n"
     return write_text(path, text, atomic=atomic)
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps(default=...)`` for numpy arrays and scalars and paths."""
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, np.generic):

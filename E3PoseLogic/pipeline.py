@@ -16,7 +16,7 @@ from scipy import ndimage
 from . import __version__, frames
 from .crop import crop_for_e3cnn
 from .errors import E3PoseError
-from .preprocess import map_unet_mask_to_input, resample_to_grid, unet_input
+from .preprocess import field_of_view, map_unet_mask_to_input, resample_to_grid, unet_input
 from .result import PoseResult
 from .refine import check_refine, refine_pose
 from .rotation import axes_to_rotation, voxel_rotation, world_rotation
@@ -147,32 +147,33 @@ class Pipeline:
         """Brain and eyes on the U-Net grid, retried on other grids when the first finds no brain.
 
         The U-Net learns a brain-size prior: a 20-week brain at 6 mm is too few voxels and comes out empty, yet
-        the same U-Net finds it on a 5 or 4 mm grid (same field of view); a few heads need a coarser grid instead. Only refusals are retried, so every mask
-        the first grid accepts is unchanged. A mask from a finer grid is carried back to the U-Net grid, where the
-        crop and the centre of mass are computed as usual. -> (brain, eyes, volume ml, spacing used).
+        the same U-Net finds it on a 5 or 4 mm grid (same field of view); a few heads need a coarser grid instead.
+        Only refusals are retried, so every mask the first grid accepts is unchanged. A mask from another grid is
+        carried back to the U-Net grid, where the crop and the centre of mass are computed as usual.
+        -> (brain, eyes, volume ml, spacing used); the first grid's error when no grid finds a brain.
         """
         from .errors import NoBrainFound
 
-        voxel_ml = float(np.prod(frames.voxel_sizes(unet_affine)))
-        brain, eyes = self.segment(x)
-        try:
-            return brain, eyes, check_mask(brain, source, voxel_ml, fov=fov), self.unet_spacing
-        except NoBrainFound as err:
-            first_error = err
-        for factor in FALLBACK_SPACING_FACTORS:
+        first_error = None
+        for factor in (1.0,) + FALLBACK_SPACING_FACTORS:
             spacing = self.unet_spacing * factor
-            size = int(np.ceil(self.unet_size / factor / 8.0) * 8)  # about the same field of view, U-Net-friendly
-            x_fine, fine_affine = unet_input(array, affine, spacing, size)
-            fine_brain, fine_eyes = self.segment(x_fine)
-            fine_fov = resample_to_grid(np.ones(array.shape, np.uint8), affine, fine_affine, x_fine.shape,
-                                        order=0) > 0
+            if factor == 1.0:
+                grid_x, grid, grid_fov = x, unet_affine, fov
+            else:
+                size = int(np.ceil(self.unet_size / factor / 8.0) * 8)  # about the same field of view, U-Net-friendly
+                grid_x, grid = unet_input(array, affine, spacing, size)
+                grid_fov = field_of_view(array.shape, affine, grid, grid_x.shape)
+            brain, eyes = self.segment(grid_x)
             try:
-                check_mask(fine_brain, source, float(np.prod(frames.voxel_sizes(fine_affine))), fov=fine_fov)
-            except NoBrainFound:
+                volume_ml = check_mask(brain, source, _voxel_ml(grid), fov=grid_fov)
+            except NoBrainFound as err:
+                first_error = first_error or err
                 continue
-            brain = resample_to_grid(fine_brain, fine_affine, unet_affine, x.shape, order=0).astype(np.uint8)
-            eyes = resample_to_grid(fine_eyes, fine_affine, unet_affine, x.shape, order=0).astype(np.uint8)
-            return brain, eyes, check_mask(brain, source, voxel_ml, fov=fov), spacing
+            if factor != 1.0:
+                brain = resample_to_grid(brain, grid, unet_affine, x.shape, order=0).astype(np.uint8)
+                eyes = resample_to_grid(eyes, grid, unet_affine, x.shape, order=0).astype(np.uint8)
+                volume_ml = check_mask(brain, source, _voxel_ml(unet_affine), fov=fov)
+            return brain, eyes, volume_ml, spacing
         raise first_error
 
     def network_axes(self, x_crop):
@@ -211,10 +212,9 @@ class Pipeline:
         step("preprocess", 0.0)
         with clock("preprocess"):
             x, unet_affine = unet_input(array, affine, self.unet_spacing, self.unet_size)
-            fov = resample_to_grid(np.ones(array.shape, np.uint8), affine, unet_affine, x.shape, order=0) > 0
+            fov = field_of_view(array.shape, affine, unet_affine, x.shape)
         step("segmentation", 0.15)
         with clock("segmentation"):
-            voxel_ml = float(np.prod(frames.voxel_sizes(unet_affine)))
             unet_spacing = self.unet_spacing
             if mask is None:
                 brain, eyes, volume_ml, unet_spacing = self.segment_multiscale(array, affine, x, unet_affine, fov,
@@ -224,7 +224,7 @@ class Pipeline:
                 brain = resample_to_grid(np.asarray(mask, np.uint8), affine, unet_affine, x.shape, order=0)
                 eyes = None
                 mask_source = "given"
-                volume_ml = check_mask(brain, source, voxel_ml, fov=fov)
+                volume_ml = check_mask(brain, source, _voxel_ml(unet_affine), fov=fov)
         step("crop", 0.5)
         with clock("crop"):
             com_unet = np.array(ndimage.center_of_mass(brain), dtype=np.float64)
@@ -278,6 +278,11 @@ class Pipeline:
                         "refiner": dict(self.refiner_info) if self.refiner is not None else None,
                         "trained": self.is_trained},
         )
+
+
+def _voxel_ml(ijk_to_ras):
+    """Voxel volume of a grid in mm^3 (``check_mask``'s unit)."""
+    return float(np.prod(frames.voxel_sizes(ijk_to_ras)))
 
 
 def _validate(array, affine, source):

@@ -113,6 +113,13 @@ def resample_to_grid(
     return frames.kji_to_ijk(sitk.GetArrayFromImage(out)).copy()
 
 
+def field_of_view(shape, ijk_to_ras: np.ndarray, grid_ijk_to_ras: np.ndarray, grid_shape) -> np.ndarray:
+    """Where a grid has image data (bool): resampled grids are zero outside the input's field of view, and zero
+    there means "unknown", not "dark"."""
+    ones = np.ones(tuple(int(n) for n in shape), np.uint8)
+    return resample_to_grid(ones, ijk_to_ras, grid_ijk_to_ras, tuple(grid_shape), order=0) > 0
+
+
 def _to_sitk(array_ijk: np.ndarray, ijk_to_ras: np.ndarray):
     import SimpleITK as sitk
 

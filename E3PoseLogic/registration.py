@@ -92,7 +92,7 @@ def build_template(cases: Iterable, spacing_mm: float = 2.0, size: int = 80) -> 
     gestation, so each is scaled to the mean equivalent radius before averaging (else the average is a blur of
     sizes); each is divided by its 99th percentile inside the head ball so no single scanner scale dominates.
     """
-    from .preprocess import resample_to_grid
+    from .preprocess import field_of_view, resample_to_grid
 
     cases = list(cases)
     if not cases:
@@ -110,7 +110,7 @@ def build_template(cases: Iterable, spacing_mm: float = 2.0, size: int = 80) -> 
         grid = _canonical_grid(_proper(rot), com, spacing_mm, size, factor=r / mean_r)
         v = resample_to_grid(a, ijk_to_ras, grid, (size,) * 3, order=1).astype(np.float64)
         # outside a field of view is "unknown", not "dark": average only the volumes that cover a voxel
-        inside = resample_to_grid(np.ones(a.shape, np.uint8), ijk_to_ras, grid, (size,) * 3, order=0) > 0
+        inside = field_of_view(a.shape, ijk_to_ras, grid, (size,) * 3)
         scale = float(np.percentile(v[ball & inside], 99)) if np.any(ball & inside) else 0.0
         acc += np.where(inside, v / scale if scale > 0 else v, 0.0)
         seen += inside
@@ -127,14 +127,14 @@ def build_template(cases: Iterable, spacing_mm: float = 2.0, size: int = 80) -> 
 
 def save_template(template: Template, path) -> Path:
     """One ``.npz`` (image, spacing, radius, provenance as JSON), written atomically."""
-    from .atomic import atomic_path
+    from .atomic import atomic_path, json_default
 
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, format=np.array(TEMPLATE_FORMAT), image=np.asarray(template.image, np.float32),
                                 spacing_mm=np.float64(template.spacing_mm), radius_mm=np.float64(template.radius_mm),
-                                provenance=np.array(json.dumps(template.provenance, default=_json_default)))
+                                provenance=np.array(json.dumps(template.provenance, default=json_default)))
     return path
 
 
@@ -162,14 +162,6 @@ def load_template(path) -> Template:
     except ValueError as e:
         raise CheckpointError(path, f"template provenance is not JSON ({e})") from None
     return Template(image=image.astype(np.float32), spacing_mm=spacing, radius_mm=radius, provenance=prov)
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    return str(o)
 
 
 # ------------------------------------------------------------------------------------------------ registration

@@ -78,7 +78,8 @@ def stats(values):
     return {"median_s": statistics.median(values), "min_s": min(values), "max_s": max(values), "n": len(values)}
 
 
-def _cpu_model():
+def cpu_model() -> str:
+    """The CPU model (/proc/cpuinfo on Linux), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -89,10 +90,14 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity), else all of them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _machine(torch, device, note=""):
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(),
             "torch_threads": torch.get_num_threads(), "device": str(device)}
     if hasattr(os, "getloadavg"):
         info["load_average_1m_at_start"] = round(os.getloadavg()[0], 2)

@@ -129,7 +129,6 @@ def _spread(ids, n):
 
 
 def run(args: argparse.Namespace) -> int:
-    import platform
     import sys
     from datetime import date
     from pathlib import Path
@@ -139,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import E3PoseError
     from ..evaluate import read_ground_truth
     from ..volume_io import volume_name
-    from .evaluate import PER_CASE_COLUMNS, _fmt
+    from .benchmark import cpu_model, usable_cpus
+    from .evaluate import _fmt, write_per_case
 
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(wanted) - set(METHODS))
@@ -166,9 +166,10 @@ def run(args: argparse.Namespace) -> int:
     ids = [fid for fid, _ in names]
     subsets = {"registration-multistart": _spread(ids, args.slow_volumes),
                "registration-moments": _spread(ids, args.moments_volumes)}
+    keys = {m.name: m.key() for m in methods}
     cached = {} if args.rerun else {
         m.name: r for m in methods if not m.unavailable()
-        and (r := cmp.load_result(out / m.name, csv, subsets.get(m.name, set(ids)), m.key()))}
+        and (r := cmp.load_result(out / m.name, csv, subsets.get(m.name, set(ids)), keys[m.name]))}
     if cached:
         print(f"e3pose compare: reusing the results in {out} of {', '.join(cached)} (--rerun to measure again)",
               file=sys.stderr)
@@ -192,13 +193,12 @@ def run(args: argparse.Namespace) -> int:
             continue
         d = out / res.name
         d.mkdir(exist_ok=True)
-        lines = [",".join(PER_CASE_COLUMNS)] + [",".join(_fmt(c.get(k)) for k in PER_CASE_COLUMNS) for c in res.cases]
-        write_text(d / "per_case.csv", "\n".join(lines) + "\n")
+        write_per_case(d / "per_case.csv", res.cases)
         if res.errors:
             save_json(d / "failures.json", res.errors)
         if res.name not in cached:
-            cmp.save_result(d, res, csv, next(m.key() for m in methods if m.name == res.name))
-    machine = f"{_cpu_name() or platform.processor() or platform.machine()}, {_cores()} CPU cores, {args.device}"
+            cmp.save_result(d, res, csv, keys[res.name])
+    machine = f"{cpu_model()}, {usable_cpus()} CPU cores, {args.device}"
     meta = dict(date=date.today().isoformat(), machine=machine, test_csv=str(csv), n_volumes=len(ids),
                 slow_volumes=len(subsets["registration-multistart"]),
                 moments_volumes=len(subsets["registration-moments"]))
@@ -225,34 +225,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_name():
-    """The CPU model from /proc/cpuinfo (Linux), or None."""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def _cores():
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count()
-
-
 def _methods(args, wanted, out):
     """The method objects, in table order; those that cannot run here are ``SkippedMethod`` with the reason."""
     from .. import comparison as cmp
     from ..pipeline import Pipeline
 
     methods = []
-    need_pipe = any(m.startswith("e3pose") for m in wanted) or "standard-cnn" in wanted or args.generalisation
-    pipe = Pipeline.from_files(device=args.device) if need_pipe else None
+    # the bundled model, for the E3Pose rows (the other networks' rows load their own)
+    pipe = Pipeline.from_files(device=args.device) if any(m.startswith("e3pose") for m in wanted) else None
     if "e3pose-network" in wanted:
         methods.append(cmp.E3PoseMethod(pipe, False, "e3pose-network", "E3Pose: E3-CNN alone (bundled)"))
     if "e3pose-refined" in wanted:

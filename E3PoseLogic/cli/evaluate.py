@@ -42,6 +42,14 @@ def _fmt(v):
     return "" if v is None else str(v)
 
 
+def write_per_case(path, cases) -> None:
+    """``per_case.csv``: one row of PER_CASE_COLUMNS per ``evaluate_cases`` row (also ``e3pose compare``'s)."""
+    from ..atomic import write_text
+
+    lines = [",".join(PER_CASE_COLUMNS)] + [",".join(_fmt(c.get(k)) for k in PER_CASE_COLUMNS) for c in cases]
+    write_text(path, "\n".join(lines) + "\n")
+
+
 def plot_by_bin(cases, path) -> None:
     """Box plot of rotation error per ground-truth magnitude bin (matplotlib Agg: no display needed)."""
     import matplotlib
@@ -150,8 +158,7 @@ def run(args: argparse.Namespace) -> int:
              warnings=warnings)
     out = Path(args.output) if args.output else pred_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
-    lines = [",".join(PER_CASE_COLUMNS)] + [",".join(_fmt(c.get(k)) for k in PER_CASE_COLUMNS) for c in cases]
-    write_text(out / "per_case.csv", "\n".join(lines) + "\n")
+    write_per_case(out / "per_case.csv", cases)
     save_json(out / "summary.json", s)
     if not args.no_plot:
         plot_by_bin(cases, out / "rotation_error_by_magnitude.png")
