@@ -51,6 +51,27 @@ def test_mirror_plane_is_found_from_25_degrees_off(head):
     assert _x_error_deg(start @ search.polish(found).normal, case.rotation_ras) < 1.5
 
 
+def test_search_finds_the_plane_when_the_centre_is_off_it(heads):
+    """The brain centre the search starts from (the U-Net's) can be millimetres off the mirror plane; the global
+    search scores each direction at its best offset, so the plane is still among its hypotheses (which one wins is
+    the 2D network's part), fitted through the true centre."""
+    from E3PoseLogic.networks.sagittal import SagittalConfig
+    from E3PoseLogic.refine import MirrorSearch, equivalent_radius, local_cube
+
+    for case, brain_ml in heads:
+        start = case.rotation_ras @ rotation("z", 40.0) @ rotation("x", 30.0)  # no help from the start's axes
+        centre = case.com_ras + 7.0 * case.rotation_ras[:, 0]  # 7 mm along e_x: off the plane
+        radius = equivalent_radius(brain_ml)
+        cube, sp = local_cube(case.image.astype(np.float32), case.affine, centre, start, radius, SagittalConfig())
+        search = MirrorSearch(cube, sp, radius)
+        planes = [search.polish(p) for p in search.candidates()]
+        plane = min(planes, key=lambda p: _x_error_deg(start @ p.normal, case.rotation_ras))
+        normal = start @ plane.normal
+        assert _x_error_deg(normal, case.rotation_ras) < 2.0
+        # the fitted plane passes through the true centre: offset = signed distance from the cube centre
+        assert plane.offset == pytest.approx(float(normal @ (case.com_ras - centre)), abs=1.5)
+
+
 @pytest.fixture(scope="module")
 def refiner():
     from E3PoseLogic.checkpoints import load_refiner

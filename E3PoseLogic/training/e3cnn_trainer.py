@@ -13,6 +13,8 @@ picks ``best.pt``) and the cases at their own poses (``val_any_pose_*``).
 """
 from __future__ import annotations
 
+import contextlib
+
 import sys
 
 import numpy as np
@@ -46,6 +48,37 @@ def resolve_loss(args):
     return loss or "axes"
 
 
+class Objective:
+    """What one architecture and --loss train and validate on: chosen once, in ``E3CNNTask.__init__``."""
+
+    def __init__(self, description, outputs, loss, float32=True):
+        self.description, self.float32 = description, float32  # float32: forward outside --amp's autocast
+        self._outputs, self._loss = outputs, loss
+
+    def outputs(self, model, x):
+        """(unpooled map or None, pooled 6D/9D head) of a float32 forward pass."""
+        return self._outputs(model, x)
+
+    def loss(self, unpooled, pooled, r):
+        return self._loss(unpooled, pooled, r)
+
+
+def _e3cnn_outputs(model, x):
+    unpooled = model(x, pool=False)
+    return unpooled, model.net.pool(unpooled).flatten(1)
+
+
+OBJECTIVES = {
+    "standard": Objective("geodesic (Gram-Schmidt frame of the 6D head, as is)",
+                          lambda model, x: (None, model(x, pool=True).float()),
+                          lambda unpooled, pooled, r: frame_geodesic_loss(pooled, r), float32=False),
+    "geodesic": Objective("geodesic (pooled)", _e3cnn_outputs,
+                          lambda unpooled, pooled, r: geodesic_loss(pooled, r)),
+    "axes": Objective("0.5 |p x e_x| + |a - e_y| + |b - e_z| per voxel (unpooled)", _e3cnn_outputs,
+                      lambda unpooled, pooled, r: voxel_axes_loss(unpooled, r)),
+}
+
+
 class E3CNNTask:
     kind = "e3cnn"  # class defaults (the E3-CNN); __init__ sets them per --arch
     title = "E3-CNN training"
@@ -69,6 +102,7 @@ class E3CNNTask:
             self.model = E3CNN(self.cfg)
             # find_unused: the published zero-size bias never receives a gradient
             self.kind, self.title, self.find_unused = "e3cnn", "E3-CNN training", True
+        self.objective = OBJECTIVES["standard" if self.arch == "standard" else args.loss]
         self.train_cache, self.val_cache, self.trained_on = train_cache, val_cache, trained_on
         self.pose_range = getattr(args, "pose_range", None)
         self.val_in_range = None
@@ -106,12 +140,8 @@ class E3CNNTask:
         # The E3-CNN always runs in float32, also under --amp: in bf16 its norm-based gates and normalisation gave
         # non-finite outputs within a few steps (seen in this project's tests). --amp still speeds up the U-Net
         # and the standard CNN (whose rotation maths, in the loss, is float32 regardless).
-        if self.arch == "standard":
-            return frame_geodesic_loss(net(x, pool=True), r)
-        with no_autocast(x):
-            if self.args.loss == "geodesic":
-                return geodesic_loss(net(x, pool=True), r)
-            return voxel_axes_loss(net(x, pool=False), r)
+        with no_autocast(x) if self.objective.float32 else contextlib.nullcontext():
+            return self.objective.loss(*self.objective.outputs(net, x), r)
 
     def train_loss(self, net, batch, device):
         total, n = 0.0, 0
@@ -127,17 +157,8 @@ class E3CNNTask:
             x = torch.from_numpy(np.ascontiguousarray(case.x, np.float32))[None, None].to(device)
             r = torch.as_tensor(case.r_vc, dtype=torch.float32)[None].to(device)
             with no_autocast(x):  # float32, as in training
-                if self.arch == "standard":
-                    unpooled, pooled = None, model(x).float()
-                else:
-                    unpooled = model(x, pool=False)
-                    pooled = model.net.pool(unpooled).flatten(1)
-            if self.arch == "standard":
-                losses.append(float(frame_geodesic_loss(pooled, r)))
-            elif self.args.loss == "geodesic":
-                losses.append(float(geodesic_loss(pooled, r)))
-            else:
-                losses.append(float(voxel_axes_loss(unpooled, r)))
+                unpooled, pooled = self.objective.outputs(model, x)
+            losses.append(float(self.objective.loss(unpooled, pooled, r)))
             errors.append(float(rotation_errors_deg(pooled, r)[0]))
         e = np.asarray(errors) if errors else np.array([np.nan])
         return {f"{prefix}loss": float(np.mean(losses)) if losses else float("nan"),
@@ -157,9 +178,7 @@ class E3CNNTask:
         return base_provenance(args, self.kind, self.trained_on, len(self.train_cache), len(self.val_cache),
                                epochs_done, elapsed_s, device, best_epoch, best_row, extra={
                                    "arch": self.arch, "equivariant": self.arch != "standard",
-                                   "loss": "geodesic (Gram-Schmidt frame of the 6D head, as is)"
-                                   if self.arch == "standard" else "geodesic (pooled)" if args.loss == "geodesic"
-                                   else "0.5 |p x e_x| + |a - e_y| + |b - e_z| per voxel (unpooled)",
+                                   "loss": self.objective.description,
                                    "augmentation": "none" if args.no_augment else dict(data.E3CNN_AUG),
                                    "pose_range_deg": None if self.pose_range is None else float(self.pose_range),
                                    "rotation_sampling": (

@@ -16,7 +16,7 @@ INIT="$HERE/init"
 
 # 1. data. Training: seeds 1-3 (standard) + 4 (navigator-like). Validation: 11 + 12n (the trainers use the first 24
 #    (U-Net) / 30 (E3-CNN) cases in name order, --max-val: all seed 11). Refiner training: 1, 2 + 4n. Tuning/dev:
-#    31 + 32n (24 each). Held-out test: 41 + 42n (100 each). 21 + 22n (100 each): the held-out set of the model card's
+#    31 + 32n (24 each) and 33 + 34n (60 each; the plane search's settings). Held-out test: 41 + 42n (100 each). 21 + 22n (100 each): the held-out set of the model card's
 #    numbers from before the refinement stage (test2122/).
 for s in 1 2 3; do e3pose synth raw/s$s --n 100 --seed $s --val-fraction 0; done
 e3pose synth raw/s4 --n 100 --seed 4 --navigator --val-fraction 0
@@ -24,6 +24,8 @@ e3pose synth raw/s11 --n 30 --seed 11 --val-fraction 0
 e3pose synth raw/s12 --n 20 --seed 12 --navigator --val-fraction 0
 e3pose synth raw/s31 --n 24 --seed 31 --val-fraction 0
 e3pose synth raw/s32 --n 24 --seed 32 --navigator --val-fraction 0
+e3pose synth raw/s33 --n 60 --seed 33 --val-fraction 0
+e3pose synth raw/s34 --n 60 --seed 34 --navigator --val-fraction 0
 e3pose synth raw/s41 --n 100 --seed 41 --val-fraction 0
 e3pose synth raw/s42 --n 100 --seed 42 --navigator --val-fraction 0
 e3pose synth raw/s21 --n 100 --seed 21 --val-fraction 0
