@@ -49,18 +49,29 @@ def resolve_loss(args):
 
 
 class Objective:
-    """What one architecture and --loss train and validate on: chosen once, in ``E3CNNTask.__init__``."""
+    """What one architecture and --loss train and validate on (``E3CNNTask.objective``).
 
-    def __init__(self, description, outputs, loss, float32=True):
-        self.description, self.float32 = description, float32  # float32: forward outside --amp's autocast
-        self._outputs, self._loss = outputs, loss
+    ``pool``: the training forward returns the pooled head (else the unpooled per-voxel map), and ``loss`` takes
+    that output; ``outputs`` gives both for validation (an unwrapped model); ``float32``: the forward runs outside
+    --amp's autocast.
+    """
+
+    def __init__(self, description, pool, loss, outputs, float32=True):
+        self.description, self.pool, self.float32 = description, pool, float32
+        self._loss, self._outputs = loss, outputs
+
+    def loss(self, out, r):
+        return self._loss(out, r)
+
+    def train_loss(self, net, x, r):
+        return self._loss(net(x, pool=self.pool), r)
 
     def outputs(self, model, x):
-        """(unpooled map or None, pooled 6D/9D head) of a float32 forward pass."""
+        """(unpooled map or None, pooled head) of one forward."""
         return self._outputs(model, x)
 
-    def loss(self, unpooled, pooled, r):
-        return self._loss(unpooled, pooled, r)
+    def validation_loss(self, unpooled, pooled, r):
+        return self._loss(pooled if self.pool else unpooled, r)
 
 
 def _e3cnn_outputs(model, x):
@@ -69,13 +80,12 @@ def _e3cnn_outputs(model, x):
 
 
 OBJECTIVES = {
-    "standard": Objective("geodesic (Gram-Schmidt frame of the 6D head, as is)",
-                          lambda model, x: (None, model(x, pool=True).float()),
-                          lambda unpooled, pooled, r: frame_geodesic_loss(pooled, r), float32=False),
-    "geodesic": Objective("geodesic (pooled)", _e3cnn_outputs,
-                          lambda unpooled, pooled, r: geodesic_loss(pooled, r)),
-    "axes": Objective("0.5 |p x e_x| + |a - e_y| + |b - e_z| per voxel (unpooled)", _e3cnn_outputs,
-                      lambda unpooled, pooled, r: voxel_axes_loss(unpooled, r)),
+    "standard": Objective("geodesic (Gram-Schmidt frame of the 6D head, as is)", True,
+                          frame_geodesic_loss,
+                          lambda model, x: (None, model(x, pool=True).float()), float32=False),
+    "geodesic": Objective("geodesic (pooled)", True, geodesic_loss, _e3cnn_outputs),
+    "axes": Objective("0.5 |p x e_x| + |a - e_y| + |b - e_z| per voxel (unpooled)", False, voxel_axes_loss,
+                      _e3cnn_outputs),
 }
 
 
@@ -102,7 +112,6 @@ class E3CNNTask:
             self.model = E3CNN(self.cfg)
             # find_unused: the published zero-size bias never receives a gradient
             self.kind, self.title, self.find_unused = "e3cnn", "E3-CNN training", True
-        self.objective = OBJECTIVES["standard" if self.arch == "standard" else args.loss]
         self.train_cache, self.val_cache, self.trained_on = train_cache, val_cache, trained_on
         self.pose_range = getattr(args, "pose_range", None)
         self.val_in_range = None
@@ -136,12 +145,16 @@ class E3CNNTask:
             groups.setdefault(tuple(x.shape), []).append((x, r))
         return [(torch.cat([x for x, _ in g]), torch.cat([r for _, r in g])) for g in groups.values()]
 
+    @property
+    def objective(self) -> Objective:
+        return OBJECTIVES["standard" if self.arch == "standard" else self.args.loss]
+
     def _loss(self, net, x, r):
         # The E3-CNN always runs in float32, also under --amp: in bf16 its norm-based gates and normalisation gave
         # non-finite outputs within a few steps (seen in this project's tests). --amp still speeds up the U-Net
         # and the standard CNN (whose rotation maths, in the loss, is float32 regardless).
         with no_autocast(x) if self.objective.float32 else contextlib.nullcontext():
-            return self.objective.loss(*self.objective.outputs(net, x), r)
+            return self.objective.train_loss(net, x, r)
 
     def train_loss(self, net, batch, device):
         total, n = 0.0, 0
@@ -158,7 +171,7 @@ class E3CNNTask:
             r = torch.as_tensor(case.r_vc, dtype=torch.float32)[None].to(device)
             with no_autocast(x):  # float32, as in training
                 unpooled, pooled = self.objective.outputs(model, x)
-            losses.append(float(self.objective.loss(unpooled, pooled, r)))
+            losses.append(float(self.objective.validation_loss(unpooled, pooled, r)))
             errors.append(float(rotation_errors_deg(pooled, r)[0]))
         e = np.asarray(errors) if errors else np.array([np.nan])
         return {f"{prefix}loss": float(np.mean(losses)) if losses else float("nan"),
