@@ -144,3 +144,6 @@ python "$HERE/make_model_card.py" runs ev ev_gt pred "${OUT:-default}" --notes "
 # the held-out accuracy blocks of the card (refined and E3-CNN-only, per subgroup, synthetic and transfer sets)
 python "$HERE/card_accuracy.py" "${OUT:-default}/model_card.json" --set synthetic_full_pipeline ev \
     --set synthetic_true_mask ev_gt --set transfer_full_pipeline ev_transfer --set transfer_true_mask ev_transfer_gt
+# the transfer summaries ship beside the held-out ones (make_model_card.py copies those)
+cp ev_transfer/summary.json "${OUT:-default}/transfer_summary_full_pipeline.json"
+cp ev_transfer_gt/summary.json "${OUT:-default}/transfer_summary_gt_mask.json"
