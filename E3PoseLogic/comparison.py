@@ -27,7 +27,7 @@ EXTERNAL_TOOLS = {  # name: (import name, pip name, label)
 
 # ------------------------------------------------------------------------------------------------ methods
 class E3PoseMethod:
-    """The bundled pipeline; ``network_only`` reports the E3-CNN pose (``refine off``), else the refined pose."""
+    """The bundled pipeline: the refined pose, or with ``refine=False`` the E3-CNN's (``refine off``)."""
 
     def __init__(self, pipeline, refine: bool, name: str, label: str):
         self.pipeline, self.refine, self.name, self.label = pipeline, refine, name, label

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .rotation import nearest_rotation
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LPS_FROM_RAS.setflags(write=False)
@@ -122,8 +123,8 @@ def canonical_to_voxel(canonical_to_world: np.ndarray, ijk_to_ras: np.ndarray, r
     g = np.asarray(ijk_to_ras, dtype=np.float64)
     if rotation_voxel is None:
         d = direction_cosines(g)
-        u, _, vt = np.linalg.svd(pose[:3, :3])  # an edited matrix may carry round-off
-        rotation_voxel = d.T @ (u @ vt) @ np.diag([np.sign(np.linalg.det(d)), 1.0, 1.0])
+        r = nearest_rotation(pose[:3, :3])  # an edited matrix may carry round-off
+        rotation_voxel = d.T @ r @ np.diag([np.sign(np.linalg.det(d)), 1.0, 1.0])
     out = np.eye(4)
     out[:3, :3] = rotation_voxel
     out[:3, 3] = (np.linalg.inv(g) @ np.append(pose[:3, 3], 1.0))[:3]

@@ -26,7 +26,8 @@ import numpy as np
 
 from . import frames
 from .errors import CheckpointError
-from .refine import equivalent_radius
+from .refine import ball_mask, equivalent_radius
+from .rotation import nearest_rotation
 
 TEMPLATE_FORMAT = "e3pose-registration-template-1"
 START_CHOICES = ("identity", "moments", "multistart")
@@ -79,12 +80,6 @@ def _canonical_grid(rotation_ras, com_ras, spacing_mm, size, factor=1.0):
     return g
 
 
-def _ball(shape, spacing_mm, radius_mm):
-    """Boolean ball of ``radius_mm`` about the array centre (the canonical origin)."""
-    x = [(np.arange(n) - (n - 1) / 2.0) * spacing_mm for n in np.broadcast_to(shape, (3,))]
-    return x[0][:, None, None] ** 2 + x[1][None, :, None] ** 2 + x[2][None, None, :] ** 2 <= radius_mm ** 2
-
-
 def build_template(cases: Iterable, spacing_mm: float = 2.0, size: int = 80) -> Template:
     """Average of volumes of known pose, each resampled into its canonical frame about its brain centre.
 
@@ -101,7 +96,7 @@ def build_template(cases: Iterable, spacing_mm: float = 2.0, size: int = 80) -> 
     if not np.all(np.isfinite(radii)) or np.any(radii <= 0):
         raise ValueError(f"brain volumes must be positive, got radii {radii.tolist()} mm")
     mean_r = float(radii.mean())
-    ball = _ball(size, spacing_mm, HEAD_BALL * mean_r)
+    ball = ball_mask(size, spacing_mm, HEAD_BALL * mean_r)
     acc = np.zeros((size,) * 3, dtype=np.float64)
     seen = np.zeros((size,) * 3, dtype=np.float64)
     for (array, ijk_to_ras, rot, com, _), r in zip(cases, radii):
@@ -247,7 +242,7 @@ def register(array_ijk, ijk_to_ras, template: Template, start="identity", n_star
     fixed, fixed_grid = _working_image(a, g, WORK_SPACING_FACTOR * template.spacing_mm)
     t2c = template.ijk_to_canonical()
     moving = _template_sitk(np.asarray(template.image, dtype=np.float32), t2c)
-    mask = _template_sitk(_ball(template.image.shape, template.spacing_mm, HEAD_BALL * template.radius_mm)
+    mask = _template_sitk(ball_mask(template.image.shape, template.spacing_mm, HEAD_BALL * template.radius_mm)
                           .astype(np.uint8), t2c)
     starts, kind = _starts(fixed, fixed_grid, g, a.shape, template, start, n_starts, seed, centre)
     runs = [_optimise(sitk, fixed, moving, mask, rot, com, metric, iterations, template.radius_mm)
@@ -263,8 +258,7 @@ def register(array_ijk, ijk_to_ras, template: Template, start="identity", n_star
 
 def _proper(r) -> np.ndarray:
     """Nearest rotation (det +1) to a 3x3 matrix."""
-    u, _, vt = np.linalg.svd(np.asarray(r, dtype=np.float64))
-    m = u @ vt
+    m = nearest_rotation(r)
     if np.linalg.det(m) < 0:
         raise ValueError("the start rotation has det < 0 (a reflection); pass a proper rotation")
     return m

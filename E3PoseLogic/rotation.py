@@ -29,6 +29,13 @@ def axes_to_rotation(p, a, b):
     return r, {"singular_values": s.tolist(), "det_pab": det, "flipped": bool(flipped)}
 
 
+def nearest_rotation(m):
+    """Polar factor U V^T of a 3x3 matrix: the nearest orthogonal matrix (round-off in stored or edited rotations).
+    Its determinant has the sign of det(m): callers that need a proper rotation check it."""
+    u, _, vt = np.linalg.svd(np.asarray(m, dtype=np.float64))
+    return u @ vt
+
+
 def _unit(v):
     v = np.asarray(v, dtype=np.float64).reshape(3)
     n = np.linalg.norm(v)
@@ -57,9 +64,8 @@ def world_rotation(rotation_voxel, direction):
     """
     d = np.asarray(direction, dtype=np.float64)
     flip = np.diag([np.sign(np.linalg.det(d)), 1.0, 1.0])
-    r = d @ np.asarray(rotation_voxel, dtype=np.float64) @ flip
-    u, _, vt = np.linalg.svd(r)  # direction cosines from a float32 header are orthogonal only to ~1e-7
-    return u @ vt
+    # direction cosines from a float32 header are orthogonal only to ~1e-7
+    return nearest_rotation(d @ np.asarray(rotation_voxel, dtype=np.float64) @ flip)
 
 
 def voxel_rotation(rotation, direction):

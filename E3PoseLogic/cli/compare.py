@@ -214,9 +214,10 @@ def run(args: argparse.Namespace) -> int:
                               "Trained on poses within +-90 deg, tested on SO(3): median error by magnitude")
     write_text(out / "comparison.md", text)
     save_json(out / "comparison.json", dict(meta, rows=rows))
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("method", "label", "status", "note"), k))
-    write_text(out / "comparison.csv", ",".join(keys) + "\n" + "".join(
-        ",".join(_fmt(r.get(k)).replace(",", ";") for k in keys) + "\n" for r in rows))
+    columns = sorted({k for r in rows for k in r},
+                     key=lambda k: (k not in ("method", "label", "status", "note"), k))
+    write_text(out / "comparison.csv", ",".join(columns) + "\n" + "".join(
+        ",".join(_fmt(r.get(k)).replace(",", ";") for k in columns) + "\n" for r in rows))
     cmp.plot_by_magnitude(main, out / "error_by_magnitude.png",
                           f"{len(ids)} held-out volumes: median rotation error by rotation magnitude")
     print(text)

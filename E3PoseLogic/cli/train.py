@@ -150,9 +150,6 @@ def run_unet(args: argparse.Namespace) -> int:
 
 def _check_e3cnn(args):
     if args.arch == "standard":
-        if args.loss == "axes":
-            return ("--loss axes supervises the unpooled per-voxel map, which --arch standard does not have: use "
-                    "--loss geodesic (its default)")
         if args.width < 1 or args.n_conv < 1 or args.n_downsample < 0:
             return "--width and --n-conv must be at least 1, --n-downsample at least 0"
         if args.norm == "instance" and -(-args.crop_size // 2 ** args.n_downsample) < 2:
@@ -168,11 +165,16 @@ def _check_e3cnn(args):
 
 def run_e3cnn(args: argparse.Namespace) -> int:
     problem = _check_e3cnn(args)
+    if not problem:
+        from ..training.e3cnn_trainer import resolve_loss
+
+        try:  # resolved here, so train_config.json records the loss used
+            args.loss = resolve_loss(args)
+        except ValueError as exc:  # --loss axes for --arch standard
+            problem = str(exc)
     if problem:
         import sys
 
         print(f"e3pose {args.command}: {problem}", file=sys.stderr)
         return 2
-    if args.loss is None:  # resolved here, so train_config.json records the loss used
-        args.loss = "geodesic" if args.arch == "standard" else "axes"
     return _run(args, "e3cnn_trainer")
