@@ -193,3 +193,78 @@ def test_bundled_sample_is_consistent():
     com = A[:3, :3] @ np.asarray(ndimage.center_of_mass(np.asarray(lab.dataobj) == 1)) + A[:3, 3]
     assert np.allclose(com, pose["translation_ras"], atol=1e-3)
     assert 29.0 <= pose["ga_weeks"] <= 31.0
+
+
+# --------------------------------------------------------------------------- variation for transfer (issue 11)
+def test_variation_off_keeps_every_seed_and_on_changes_only_appearance():
+    from E3PoseLogic.synth import Variation
+
+    plain = make_case(5, 2)
+    assert np.array_equal(make_case(5, 2, SynthConfig(variation=Variation())).image, plain.image)
+    contrast = SynthConfig(variation=Variation(random_contrast=1.0))
+    a, b = make_case(5, 2, contrast), make_case(5, 2, contrast)
+    assert np.array_equal(a.image, b.image)  # deterministic per (seed, index)
+    # no deformation: same geometry, grid and pose (its draws come from a generator of its own), other intensities
+    assert np.array_equal(a.affine, plain.affine) and np.array_equal(a.pose, plain.pose)
+    assert dice(a.label == 1, plain.label == 1) > 0.99
+    assert not np.allclose(a.image, plain.image)
+    assert set(a.params.intensity) >= set(plain.params.intensity) | {"deepgrey"}
+    assert all(0.0 <= v <= 1.0 for v in a.params.intensity.values())
+
+
+def test_random_contrast_includes_inverted_contrasts():
+    from E3PoseLogic.synth.phantom import Variation, vary_phantom
+
+    P = sample_phantom(np.random.default_rng(1), ga_weeks=30.0)
+    inverted = [vary_phantom(P, np.random.default_rng([9, i, 1]), Variation(random_contrast=1.0)).intensity
+                for i in range(40)]
+    # T2-like phantoms always have CSF brighter than white matter brighter than cortex; random contrast does not
+    assert sum(t["csf"] < t["cortex"] for t in inverted) > 5
+    assert sum(t["wm"] < t["cortex"] for t in inverted) > 5
+
+
+def test_deformation_moves_the_anatomy_smoothly_and_keeps_it_whole():
+    from E3PoseLogic.synth.phantom import Variation, vary_phantom
+
+    P = sample_phantom(np.random.default_rng(2), ga_weeks=32.0)
+    V = vary_phantom(P, np.random.default_rng([3, 3, 1]), Variation(deform_mm=5.0))
+    assert 2.0 < V.deform_reach_mm <= 5.0 + 1e-9  # this draw: 3.9 mm
+    assert V.head_radius_mm == pytest.approx(P.head_radius_mm + V.deform_reach_mm)
+    _, lab0, _, _ = render_canonical(P, spacing=1.5, radius_mm=P.head_radius_mm + 6.0)
+    _, lab1, _, _ = render_canonical(V, spacing=1.5, radius_mm=P.head_radius_mm + 6.0)
+    brain0, brain1 = lab0 == 1, lab1 == 1
+    # a few mm of displacement on a brain of ~80 mm: the same organ, not the same voxels, still one piece
+    assert 0.8 < dice(brain0, brain1) < 0.995
+    assert ndimage.label(brain1)[1] == 1
+    assert abs(int(brain1.sum()) - int(brain0.sum())) < 0.1 * brain0.sum()
+    # both hemispheres deform differently: no longer exactly mirror-symmetric
+    assert dice(brain1, brain1[::-1]) < dice(brain0, brain0[::-1])
+
+
+def test_anatomy_variation_adds_sulci_with_age():
+    from E3PoseLogic.synth.phantom import Variation, vary_phantom
+
+    rng = np.random.default_rng([4, 0, 1])
+    young = vary_phantom(sample_phantom(np.random.default_rng(5), ga_weeks=20.0), rng, Variation(anatomy=True))
+    old_p = sample_phantom(np.random.default_rng(5), ga_weeks=36.0)
+    old = vary_phantom(old_p, rng, Variation(anatomy=True))
+    assert young.sulcus_mm == pytest.approx(0.0) and old.sulcus_mm > 1.0
+    img0, lab0, _, _ = render_canonical(old_p, spacing=1.0)
+    img1, lab1, _, _ = render_canonical(old, spacing=1.0)
+    assert np.array_equal(lab0 == 1, lab1 == 1)  # sulcal CSF and deep grey are brain: the mask is unchanged
+    csf = old.intensity["csf"]
+    inside = lab1 == 1
+    # more voxels of the brain near CSF brightness than without sulci
+    assert np.sum(np.abs(img1[inside] - csf) < 0.02) > 1.2 * np.sum(np.abs(img0[inside] - csf) < 0.02)
+
+
+def test_cli_synth_variation(tmp_path):
+    import json
+
+    from E3PoseLogic.cli import main
+
+    assert main(["synth", str(tmp_path / "v"), "--n", "1", "--seed", "3", "--voxel-mm", "3", "--size-mm", "200",
+                 "--random-contrast", "1", "--deform", "4", "--anatomy-variation"]) == 0
+    cfg = json.loads((tmp_path / "v" / "synth_config.json").read_text())
+    assert cfg["variation"] == {"random_contrast": 1.0, "deform_mm": 4.0, "anatomy": True}
+    assert main(["synth", str(tmp_path / "w"), "--deform", "30"]) == 2

@@ -27,6 +27,14 @@ def register(subparsers) -> None:
     p.add_argument("--max-dim", type=int, default=160, help="largest array size per axis (default 160)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of cases in the validation fold")
     p.add_argument("--no-environment", action="store_true", help="head only, no maternal tissue / fluid / body")
+    v = p.add_argument_group("variation for transfer (off by default; SynthSeg-style, see docs/README_training.md)")
+    v.add_argument("--random-contrast", type=float, default=0.0, metavar="P",
+                   help="probability per volume that every tissue's intensity is drawn U(0, 1) on its own "
+                        "(inverted contrasts included)")
+    v.add_argument("--deform", type=float, default=0.0, metavar="MM",
+                   help="random smooth deformation of the anatomy, largest displacement U(0, MM) per volume")
+    v.add_argument("--anatomy-variation", action="store_true",
+                   help="CSF-filled sulci deepening with age, and deep grey nuclei")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (output does not depend on it)")
     p.set_defaults(func=run)
 
@@ -41,7 +49,9 @@ def _check(args) -> str:
     lo, hi = args.ga_range
     if not 15.0 <= lo <= hi <= 42.0:
         return "--ga-range must satisfy 15 <= MIN <= MAX <= 42 weeks"
-    for name in ("mirror_prob", "oblique", "anisotropic_prob", "val_fraction"):
+    if not 0.0 <= args.deform <= 15.0:
+        return "--deform must lie in [0, 15] mm"
+    for name in ("mirror_prob", "oblique", "anisotropic_prob", "val_fraction", "random_contrast"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             return f"--{name.replace('_', '-')} must lie in [0, 1]"
     return ""
@@ -55,13 +65,15 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"e3pose synth: {problem}", file=sys.stderr)
         return 2
-    from ..synth import AcquisitionConfig, SynthConfig, generate_dataset
+    from ..synth import AcquisitionConfig, SynthConfig, Variation, generate_dataset
 
     acq = AcquisitionConfig(size_mm=args.size_mm, voxel_mm=args.voxel_mm, navigator=args.navigator,
                             oblique_prob=args.oblique, mirror_prob=args.mirror_prob,
                             anisotropic_prob=args.anisotropic_prob, max_dim=args.max_dim)
     cfg = SynthConfig(ga_range=tuple(args.ga_range), acquisition=acq, val_fraction=args.val_fraction,
-                      environment=not args.no_environment)
+                      environment=not args.no_environment,
+                      variation=Variation(random_contrast=args.random_contrast, deform_mm=args.deform,
+                                          anatomy=args.anatomy_variation))
     t0 = time.perf_counter()
     generate_dataset(args.outdir, args.n, seed=args.seed, cfg=cfg, workers=max(1, args.workers),
                      progress=sys.stderr.isatty())

@@ -8,4 +8,4 @@ from .dataset import (  # noqa: F401
     CSV_COLUMNS, SynthCase, SynthConfig, euler_from_rotation_voxel, generate_dataset, make_case, make_sample,
     rotation_voxel_from_world,
 )
-from .phantom import PhantomParams, render, render_canonical, sample_phantom  # noqa: F401
+from .phantom import PhantomParams, Variation, render, render_canonical, sample_phantom, vary_phantom  # noqa: F401

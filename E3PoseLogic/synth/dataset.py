@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import frames
 from .acquisition import AcquisitionConfig, acquire, sample_grid, sample_pose
-from .phantom import PhantomParams, render, sample_environment, sample_phantom
+from .phantom import PhantomParams, Variation, render, sample_environment, sample_phantom, vary_phantom
 
 # "protocol" (standard / navigator) was appended last, so readers that index the older columns keep working.
 CSV_COLUMNS = ("frame_id", "rot_x", "rot_y", "rot_z", "com_r", "com_a", "com_s", "ga_weeks", "fold", "protocol")
@@ -28,6 +28,7 @@ class SynthConfig:
     acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
     val_fraction: float = 0.2
     environment: bool = True
+    variation: Variation = field(default_factory=Variation)
 
 
 @dataclass
@@ -71,6 +72,8 @@ def make_case(seed: int, index: int, cfg: Optional[SynthConfig] = None, ga_weeks
     cfg = cfg or SynthConfig()
     rng = case_rng(seed, index)
     P = sample_phantom(rng, ga_weeks=ga_weeks, ga_range=cfg.ga_range)
+    if cfg.variation.active:  # its own generator: the draws below stay those of the plain phantom's stream
+        P = vary_phantom(P, np.random.default_rng([int(seed), int(index), 1]), cfg.variation)
     A, shape = sample_grid(rng, cfg.acquisition, P.head_radius_mm)
     pose = sample_pose(rng, A, shape, P.head_radius_mm)
     env = sample_environment(rng, pose[:3, 3], P.head_radius_mm) if cfg.environment else None
@@ -164,6 +167,7 @@ def generate_dataset(outdir, n: int, seed: int = 0, cfg: Optional[SynthConfig] =
     _write_bytes(out / "poses.csv", text.encode())
     meta = dict(generator="e3pose synth", seed=int(seed), n=int(n), ga_range=list(cfg.ga_range),
                 val_fraction=cfg.val_fraction, environment=cfg.environment, acquisition=cfg.acquisition.to_dict(),
+                variation=cfg.variation.to_dict(),
                 rotation_convention="rot_x, rot_y, rot_z: scipy Rotation.from_euler('xyz', degrees) of R_vc, "
                                     "voxel-axis frame -> canonical (rows e_x, e_y, e_z)",
                 com="brain (label 1) centre of mass, world RAS mm", synthetic=True)

@@ -69,6 +69,18 @@ class PhantomParams:
     body_axes: np.ndarray
     body_frame: np.ndarray  # 3x3, columns = body axes in canonical coordinates (last = long axis)
     intensity: Dict[str, float] = field(default_factory=dict)
+    # --- set only by ``vary_phantom`` (issue 11); the defaults draw the original phantom
+    deform_freq: Optional[np.ndarray] = None  # (K, 3) rad/mm
+    deform_amp: Optional[np.ndarray] = None  # (K, 3) mm
+    deform_phase: Optional[np.ndarray] = None  # (K,)
+    sulcus_mm: float = 0.0  # depth of CSF-filled sulci from the cortical surface
+    deep_grey_centre: Optional[np.ndarray] = None  # on the +x side
+    deep_grey_axes: Optional[np.ndarray] = None
+
+    @property
+    def deform_reach_mm(self) -> float:
+        """Largest displacement the deformation can make."""
+        return 0.0 if self.deform_amp is None else float(np.linalg.norm(self.deform_amp, axis=1).sum())
 
     @property
     def head_radius_mm(self) -> float:
@@ -79,7 +91,7 @@ class PhantomParams:
              np.linalg.norm(self.cb_centre) + float(np.max(self.cb_axes)) + m + 2.0,
              np.linalg.norm(self.face_centre) + float(np.max(self.face_axes)),
              np.linalg.norm(self.eye_centre) + self.eye_radius]
-        return float(max(r)) + 3.0
+        return float(max(r)) + 3.0 + self.deform_reach_mm
 
     def to_dict(self) -> dict:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
@@ -88,6 +100,8 @@ class PhantomParams:
     def from_dict(cls, d: dict) -> "PhantomParams":
         kw = dict(d)
         for k, v in kw.items():
+            if k == "intensity":
+                continue
             if isinstance(v, list):
                 kw[k] = np.asarray(v, dtype=np.float64)
         return cls(**kw)
@@ -157,6 +171,74 @@ def sample_phantom(rng: np.random.Generator, ga_weeks: Optional[float] = None,
     )
 
 
+@dataclass
+class Variation:
+    """Randomisation for transfer beyond the phantom (issue 11, SynthSeg-style). Off by default, and drawn from a
+    generator of its own, so that every seed keeps the images it always had."""
+
+    random_contrast: float = 0.0  # probability that every tissue's intensity is drawn U(0, 1) on its own
+    deform_mm: float = 0.0  # largest smooth displacement of the anatomy; per case U(0, deform_mm)
+    anatomy: bool = False  # CSF-filled sulci (deepening with age) and deep grey nuclei
+
+    @property
+    def active(self) -> bool:
+        return self.random_contrast > 0 or self.deform_mm > 0 or self.anatomy
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFORM_COMPONENTS = 4
+DEFORM_WAVELENGTH_MM = (35.0, 90.0)
+DEFORM_MAX_GRADIENT = 0.5  # bound on |du/dq|: the map stays one-to-one (no folded anatomy)
+
+
+def vary_phantom(P: PhantomParams, rng: np.random.Generator, variation: Variation) -> PhantomParams:
+    """A copy of ``P`` with random contrast, deformation and anatomy drawn from ``rng`` as ``variation`` asks.
+
+    Random contrast draws every tissue (and the surroundings) U(0, 1) independently: inverted and flat contrasts
+    included, so that a network learns shapes, not one MRI weighting. The deformation is a sum of a few smooth
+    sinusoidal displacements in canonical mm (both hemispheres deform differently: a real head is not exactly
+    mirror-symmetric); the pose label stays the undeformed head's frame.
+    """
+    from dataclasses import replace
+
+    inten = dict(P.intensity)
+    if variation.random_contrast > 0 and rng.random() < variation.random_contrast:
+        inten = {k: float(rng.uniform(0.0, 1.0)) for k in sorted(INTENSITY_RANGES)}
+        inten["deepgrey"] = float(rng.uniform(0.0, 1.0))
+    else:
+        inten["deepgrey"] = float(_lerp(inten["cortex"], inten["wm"], rng.uniform(0.2, 0.6)))
+    kw = dict(intensity=inten)
+    if variation.deform_mm > 0:
+        k = DEFORM_COMPONENTS
+        freq = _unit(rng, k) * (2 * np.pi / rng.uniform(*DEFORM_WAVELENGTH_MM, size=(k, 1)))
+        amp = _unit(rng, k) * rng.uniform(0.2, 1.0, size=(k, 1))
+        amp *= rng.uniform(0.0, variation.deform_mm) / np.linalg.norm(amp, axis=1).sum()
+        grad = float((np.linalg.norm(amp, axis=1) * np.linalg.norm(freq, axis=1)).sum())
+        if grad > DEFORM_MAX_GRADIENT:
+            amp *= DEFORM_MAX_GRADIENT / grad
+        kw.update(deform_freq=freq, deform_amp=amp, deform_phase=rng.uniform(0, 2 * np.pi, k))
+    if variation.anatomy:
+        t = float(np.clip((P.ga_weeks - 20.0) / 18.0, 0.0, 1.0))
+        ax, ay, azs = P.cerebrum_axes[:3]
+        kw.update(sulcus_mm=float(t * rng.uniform(0.4, 1.0) * (P.cortex_mm + P.fold_mm)),
+                  deep_grey_centre=np.array([0.2 * ax, 0.02 * ay, 0.05 * azs]) * rng.uniform(0.9, 1.1, 3),
+                  deep_grey_axes=np.array([0.14 * ax, 0.22 * ay, 0.2 * azs]) * rng.uniform(0.85, 1.15, 3))
+    return replace(P, **kw)
+
+
+def _deform(qx, qy, qz, P: PhantomParams):
+    """Material coordinates q + u(q) of the points q: the anatomy drawn there."""
+    dx, dy, dz = np.zeros_like(qx), np.zeros_like(qy), np.zeros_like(qz)
+    for f, a, ph in zip(P.deform_freq.astype(F32), P.deform_amp.astype(F32), P.deform_phase):
+        s = np.sin(qx * f[0] + qy * f[1] + qz * f[2] + F32(ph))
+        dx += a[0] * s
+        dy += a[1] * s
+        dz += a[2] * s
+    return qx + dx, qy + dy, qz + dz
+
+
 # ------------------------------------------------------------------------------------------------------- geometry
 def _ellipsoid_d(x, y, z, ax, ay, az, scale=None):
     """Radial distance (mm) to an axis-aligned ellipsoid surface: negative inside. ``scale`` = 1 + delta(direction)."""
@@ -182,6 +264,8 @@ def head_layers(qx, qy, qz, P: PhantomParams, w: float):
     to a voxel is intensity * occupancy; outside it the environment shows.
     """
     it = P.intensity
+    if P.deform_amp is not None:
+        qx, qy, qz = _deform(qx, qy, qz, P)
     ax_ = np.abs(qx)
     c = P.cerebrum_centre.astype(F32)
     x, y, z = ax_ - c[0], qy - c[1], qz - c[2]
@@ -202,7 +286,7 @@ def head_layers(qx, qy, qz, P: PhantomParams, w: float):
     # white-matter boundary folds inward (gyri) but never reaches the surface: the cortical ribbon stays visible
     fold = np.clip(F32(0.5) + fold / F32(2.0 * np.sqrt(len(P.fold_phase))), 0.0, 1.0)
     d_wm = d_cer + F32(P.cortex_mm) + fold * F32(P.fold_mm)
-    del ux, uy, uz, fold, scale, ax_eff, az_eff
+    del ux, uy, uz, scale, ax_eff, az_eff
 
     cb = P.cb_centre.astype(F32)
     d_cb = _ellipsoid_d(qx - cb[0], qy - cb[1], qz - cb[2], *P.cb_axes.astype(F32))
@@ -219,6 +303,14 @@ def head_layers(qx, qy, qz, P: PhantomParams, w: float):
     o_cer = _occ(d_cer, w)
     img = _lerp(img, F32(it["cortex"]), o_cer)
     img = _lerp(img, F32(it["wm"]), _occ(d_wm, w))
+    if P.sulcus_mm > 0:  # CSF clefts in the valleys of the folding pattern, deepest at their middle
+        valley = np.clip((fold - F32(0.72)) / F32(0.2), 0.0, 1.0)
+        img = _lerp(img, F32(it["csf"]), o_cer * _occ(-d_cer, w, F32(P.sulcus_mm) * valley))
+        del valley
+    del fold
+    if P.deep_grey_centre is not None:  # thalami / basal ganglia (mirrored)
+        gc, ga = P.deep_grey_centre.astype(F32), P.deep_grey_axes.astype(F32)
+        img = _lerp(img, F32(it["deepgrey"]), _occ(_ellipsoid_d(ax_ - gc[0], qy - gc[1], qz - gc[2], *ga), w))
     # interhemispheric fissure down to an arch (corpus callosum level), deeper at the frontal and occipital poles
     z_cut = F32(P.fissure_z) + F32(0.9 * P.cerebrum_axes[2]) * np.clip(y / a[1], -1.0, 1.0) ** 2
     o_fis = _occ(ax_, w, P.fissure_mm) * _occ(qz - z_cut, w) * o_cer
