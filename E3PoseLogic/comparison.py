@@ -8,6 +8,7 @@ and in the model card mean the same thing.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import time
@@ -17,12 +18,33 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-# The external registration packages the comparison knows of: their pins clash with this package's environment
-# (antspyx 0.6.3: numpy < 2.4 and scipy < 1.16; fireants 1.5.0: SimpleITK 2.2.1), so they are never installed here.
+# External registration packages whose pins clash with this package's environment (antspyx 0.6.3: numpy < 2.4 and
+# scipy < 1.16; fireants 1.5.0: SimpleITK 2.2.1), so they are never installed here. ANTs runs through AntsMethod
+# from an environment of its own; FireANTs has no adapter yet.
 EXTERNAL_TOOLS = {  # name: (import name, pip name, label)
-    "ants": ("ants", "antspyx", "ANTs (antspyx) similarity registration"),
     "fireants": ("fireants", "fireants", "FireANTs registration"),
 }
+
+
+# What each method's poses depend on besides its files: cache keys hold a digest of this source, so a code change
+# reruns the rows it can affect (and only those: the registration rows take about an hour on 100 volumes).
+_NOT_POSE_CODE = ("cli", "training", "synth", "mrml", "comparison.py", "qc.py", "evaluate.py", "outputs.py")
+REGISTRATION_CODE = ("registration.py", "refine.py", "rotation.py", "frames.py", "preprocess.py")
+
+
+@functools.lru_cache(maxsize=4)
+def code_digest(only: Optional[tuple] = None) -> str:
+    """SHA-256 (first 16 hex digits) of the package's pose code (``only``: these files of it)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root)
+        if rel.parts[0] in _NOT_POSE_CODE or (only is not None and rel.as_posix() not in only):
+            continue
+        h.update(rel.as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -38,11 +60,11 @@ class E3PoseMethod:
         return None
 
     def key(self) -> str:
-        """What the measurement depends on: the networks' files and the refinement choice."""
+        """What the measurement depends on: the networks' files, the refinement choice and the pose code."""
         p = self.pipeline
         nets = [p.unet_info.get("sha256"), p.e3cnn_info.get("sha256"),
                 p.refiner_info.get("sha256") if self.refine and p.refiner is not None else None]
-        return f"pipeline refine={self.refine} " + " ".join(str(n) for n in nets)
+        return f"pipeline refine={self.refine} code={code_digest()} " + " ".join(str(n) for n in nets)
 
     def predict(self, array, affine):
         res = self.pipeline.run(array, affine, refine="on" if self.refine else "off")
@@ -64,13 +86,100 @@ class RegistrationMethod:
         import hashlib
 
         digest = hashlib.sha256(np.ascontiguousarray(self.template.image, np.float32).tobytes()).hexdigest()
-        return f"registration start={self.start} n_starts={self.n_starts} template={digest}"
+        return f"registration start={self.start} n_starts={self.n_starts} code={code_digest(REGISTRATION_CODE)} template={digest}"
 
     def predict(self, array, affine):
         from .registration import register
 
         r = register(array, affine, self.template, start=self.start, n_starts=self.n_starts)
         return dict(rotation=r.rotation, translation=r.translation)
+
+
+class AntsMethod:
+    """ANTs (antspyx) similarity registration of the same template, run by ``ants_worker.py`` in the separate
+    environment whose Python is ``python`` (antspyx cannot share this package's environment). One worker process
+    serves every volume, so its start-up is not counted per volume; each volume is handed over as a NIfTI file."""
+
+    def __init__(self, template, python, start: str, name: str, label: str):
+        self.template, self.python, self.start, self.name, self.label = template, python, start, name, label
+        self._proc, self._dir = None, None
+
+    def unavailable(self) -> Optional[str]:
+        import subprocess
+
+        if not self.python or not Path(self.python).is_file():
+            return (f"not installed (antspyx pins numpy < 2.4 and scipy < 1.16: it needs its own environment; "
+                    f"make one with Resources/benchmarks/make_ants_env.sh and give --ants-python)")
+        r = subprocess.run([str(self.python), "-c", "import ants"], capture_output=True, text=True)
+        if r.returncode != 0:
+            return f"{self.python} cannot import ants: {r.stderr.strip().splitlines()[-1] if r.stderr else ''}"
+        return None
+
+    def key(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256(np.ascontiguousarray(self.template.image, np.float32).tobytes()).hexdigest()
+        worker = hashlib.sha256((Path(__file__).parent / "ants_worker.py").read_bytes()).hexdigest()[:16]
+        return f"ants start={self.start} worker={worker} template={digest}"
+
+    def _worker(self):
+        import subprocess
+        import tempfile
+
+        import nibabel as nib
+
+        from .refine import ball_mask
+
+        if self._proc is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="e3pose-ants-")
+            tpl = Path(self._dir.name) / "template.nii.gz"
+            from .registration import HEAD_BALL
+
+            t = self.template
+            nib.save(nib.Nifti1Image(np.asarray(t.image, np.float32), t.ijk_to_canonical()), tpl)
+            ball = ball_mask(t.image.shape, t.spacing_mm, HEAD_BALL * t.radius_mm).astype(np.float32)
+            nib.save(nib.Nifti1Image(ball, t.ijk_to_canonical()), tpl.with_name("mask.nii.gz"))
+            self._proc = subprocess.Popen([str(self.python), str(Path(__file__).parent / "ants_worker.py"), str(tpl),
+                                           str(tpl.with_name("mask.nii.gz"))],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return self._proc
+
+    def predict(self, array, affine):
+        import json
+
+        import nibabel as nib
+
+        proc = self._worker()
+        vol = Path(self._dir.name) / "volume.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(array, np.float32), np.asarray(affine, np.float64)), vol)
+        proc.stdin.write(json.dumps({"volume": str(vol), "start": self.start}) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the ANTs worker stopped")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"ANTs: {reply['error']}")
+        return pose_from_itk(reply["matrix"], reply["offset"])
+
+    def close(self):
+        if self._proc is not None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+            self._dir.cleanup()
+            self._proc = self._dir = None
+
+
+def pose_from_itk(matrix, offset):
+    """Pose (world RAS rotation and brain centre) from an ITK transform of volume LPS points p to template LPS
+    points M p + offset, the template's world being canonical mm. With F = diag(-1, -1, 1): c = F M F w + F offset;
+    the pose is its inverse, the scale taken out."""
+    from .rotation import nearest_rotation
+
+    f = np.diag([-1.0, -1.0, 1.0])
+    a = f @ np.asarray(matrix, dtype=np.float64) @ f
+    inv = np.linalg.inv(a)
+    return dict(rotation=nearest_rotation(inv), translation=-inv @ (f @ np.asarray(offset, dtype=np.float64)))
 
 
 class SkippedMethod:
@@ -122,14 +231,30 @@ def run_methods(methods, volumes, truth: Dict[str, dict], subsets: Optional[Dict
 
     A volume a method fails on (an exception) counts as missing, that is as a failure, as in ``e3pose evaluate``.
     """
-    from . import frames
     from .evaluate import evaluate_cases
-    from .rotation import voxel_rotation
 
     subsets = subsets or {}
     results = {m.name: MethodResult(m.name, m.label, skipped=m.unavailable()) for m in methods}
     preds: Dict[str, dict] = {m.name: {} for m in methods}
     seen: Dict[str, list] = {m.name: [] for m in methods}
+    try:
+        _run(methods, volumes, results, preds, seen, subsets, progress)
+    finally:
+        for m in methods:
+            if hasattr(m, "close"):
+                m.close()  # worker processes (ANTs)
+    for m in methods:
+        res = results[m.name]
+        if not res.skipped:
+            res.cases = evaluate_cases(preds[m.name], {f: truth[f] for f in seen[m.name]})
+            res.n_volumes = len(seen[m.name])
+    return [results[m.name] for m in methods]
+
+
+def _run(methods, volumes, results, preds, seen, subsets, progress):
+    from . import frames
+    from .rotation import voxel_rotation
+
     for v in volumes:
         fid = v["frame_id"]
         for m in methods:
@@ -150,12 +275,6 @@ def run_methods(methods, volumes, truth: Dict[str, dict], subsets: Optional[Dict
                     network_rotation_voxel=None, translation_ras=np.asarray(p["translation"], float))
             if progress is not None:
                 progress(m.name, fid)
-    for m in methods:
-        res = results[m.name]
-        if not res.skipped:
-            res.cases = evaluate_cases(preds[m.name], {f: truth[f] for f in seen[m.name]})
-            res.n_volumes = len(seen[m.name])
-    return [results[m.name] for m in methods]
 
 
 def save_result(folder, res: MethodResult, test_csv, key: str) -> None:

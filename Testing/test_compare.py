@@ -56,9 +56,10 @@ def test_every_method_is_measured_or_listed_as_skipped(compared):
         lines = (out / name / "per_case.csv").read_text().splitlines()
         assert len(lines) == 3 and lines[0].startswith("frame_id,status,rotation_error_deg")
     assert rows["registration-multistart"]["n"] == 1  # --slow-volumes 1
-    assert rows["ants"]["status"] == "skipped" and rows["ants"]["note"]
+    # no ANTs environment given (--ants-python / $E3POSE_ANTS_PYTHON): listed, with how to make one
+    assert rows["ants"]["status"] == "skipped" and "make_ants_env.sh" in rows["ants"]["note"]
     table = (out / "comparison.md").read_text()
-    assert "| ANTs (antspyx) similarity registration | skipped:" in table and "SO(3) generalisation" in table
+    assert "| ANTs (antspyx) similarity registration, from the centres of mass | skipped:" in table and "SO(3) generalisation" in table
     for png in ("error_by_magnitude.png", "so3_generalisation.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "data" / "template.npz").is_file() and (out / "data" / "test" / "poses.csv").is_file()
@@ -87,3 +88,57 @@ def test_measured_methods_are_reused_unless_rerun(compared):
 def test_unknown_method_is_refused(tmp_path):
     r = _compare(tmp_path, "--methods", "e3pose-network,magic")
     assert r.returncode == 2 and "magic" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cache_keys_follow_the_code_they_depend_on():
+    """A code change must rerun the rows it can affect: the registration rows' digest covers every module the
+    registration imports (except those that cannot change a pose), so a new import cannot slip out of it."""
+    import ast
+    from pathlib import Path
+
+    import E3PoseLogic
+    from E3PoseLogic.comparison import REGISTRATION_CODE, code_digest
+
+    root = Path(E3PoseLogic.__file__).parent
+    harmless = {"errors.py", "atomic.py", "__init__.py"}
+    for name in REGISTRATION_CODE:
+        tree = ast.parse((root / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                # "from . import frames" names a module; "from . import __version__" reads the package's __init__
+                mods = [node.module] if node.module else [a.name.replace("__version__", "__init__")
+                                                          for a in node.names]
+                for m in mods:
+                    assert f"{m}.py" in set(REGISTRATION_CODE) | harmless, f"{name} imports .{m}"
+    assert len(code_digest()) == 16 and code_digest() != code_digest(REGISTRATION_CODE)
+
+
+def test_ants_transform_becomes_the_pose():
+    """ANTs returns an ITK transform of volume LPS points to template LPS points; ``pose_from_itk`` inverts it
+    into the pose. Checked against ITK's own point mapping (SimpleITK, same transform classes as ANTs)."""
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy.spatial.transform import Rotation
+
+    from E3PoseLogic.comparison import pose_from_itk
+    from E3PoseLogic.rotation import geodesic_deg
+
+    rot = Rotation.from_rotvec([0.4, -1.1, 2.0]).as_matrix()  # canonical -> world RAS
+    scale, centre = 1.3, np.array([12.0, -30.0, 7.0])  # image brain 1.3 x the template's; brain centre (RAS)
+    f = np.diag([-1.0, -1.0, 1.0])
+    # template LPS point q = F c <- world LPS point p = F w, with w = scale R c + centre
+    a = f @ rot.T @ f / scale
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(a.ravel().tolist())
+    # ANTs transforms carry a centre k: p -> A (p - k) + k + t; the offset read back must absorb it
+    k = np.array([5.0, 2.0, -4.0])
+    tx.SetCenter(k.tolist())
+    tx.SetTranslation((-(a @ f @ centre) + a @ k - k).tolist())
+    p0 = np.array(tx.TransformPoint((0.0, 0.0, 0.0)))
+    m = np.stack([np.array(tx.TransformPoint(tuple(e))) - p0 for e in np.eye(3)], axis=1)
+    pose = pose_from_itk(m, p0)
+    assert geodesic_deg(pose["rotation"], rot) < 1e-6
+    assert np.allclose(pose["translation"], centre, atol=1e-6)
+    c = np.array([10.0, 20.0, -5.0])
+    w = scale * rot @ c + centre
+    assert np.allclose(tx.TransformPoint(tuple(f @ w)), f @ c, atol=1e-6)

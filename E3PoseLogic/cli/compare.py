@@ -11,7 +11,9 @@ import argparse
 DEFAULT_TEST_SEEDS = (41, 42)  # the model card's held-out set: standard, navigator-like
 TEMPLATE_SEED = 1  # a training seed: the template is built from annotated training volumes, never test ones
 METHODS = ("e3pose-network", "e3pose-refined", "registration-identity", "registration-moments",
-           "registration-multistart", "standard-cnn", "ants", "fireants")
+           "registration-multistart", "standard-cnn", "ants", "ants-search", "fireants")
+ANTS_LABELS = {"ants": ("com", "ANTs (antspyx) similarity registration, from the centres of mass"),
+               "ants-search": ("search", "ANTs similarity registration after its rotation search (8^3 starts)")}
 
 
 def register(subparsers) -> None:
@@ -26,8 +28,10 @@ def register(subparsers) -> None:
                     "Methods: e3pose-network (E3-CNN alone), e3pose-refined (with the refinement), registration-\n"
                     "identity / -moments / -multistart (SimpleITK similarity registration of the template, started\n"
                     "at the image centre, from the intensity's principal axes, or from 24 rotations), standard-cnn\n"
-                    "(--standard-cnn CKPT, e.g. from e3pose train-e3cnn --arch standard), ants and fireants (listed;\n"
-                    "they need their own environment). --generalisation E3CNN STANDARD adds the SO(3) experiment:\n"
+                    "(--standard-cnn CKPT, e.g. from e3pose train-e3cnn --arch standard), ants / ants-search (ANTs\n"
+                    "similarity registration of the same template from the centres of mass / after ANTs' rotation\n"
+                    "search, run by --ants-python: the Python of an environment of its own with antspyx, made by\n"
+                    "Resources/benchmarks/make_ants_env.sh) and fireants (listed: no adapter). --generalisation E3CNN STANDARD adds the SO(3) experiment:\n"
                     "two networks trained with --pose-range 90, tested on rotations over all of SO(3).")
     p.add_argument("outdir", help="output folder")
     p.add_argument("--test-dir", help="annotated volumes: DIR/images/*.nii.gz and DIR/poses.csv (default: generate)")
@@ -39,8 +43,8 @@ def register(subparsers) -> None:
                    help="registration-multistart runs on N volumes spread over the set (about a minute each on 2 "
                         "cores; default 20, 0 = all)")
     p.add_argument("--moments-volumes", type=int, default=50, metavar="N",
-                   help="registration-moments runs on N volumes spread over the set (4 starts, 5-20 s each; "
-                        "default 50, 0 = all)")
+                   help="registration-moments and ants-search run on N volumes spread over the set (5-20 s "
+                        "each; default 50, 0 = all)")
     p.add_argument("--rerun", action="store_true",
                    help="run every method again (default: a method already measured in OUTDIR on the same "
                         "volumes is read back from OUTDIR/<method>/result.json)")
@@ -50,6 +54,9 @@ def register(subparsers) -> None:
     p.add_argument("--standard-cnn", metavar="CKPT", help="standard-CNN checkpoint (e3pose train-e3cnn --arch standard)")
     p.add_argument("--generalisation", nargs=2, metavar=("E3CNN", "STANDARD"),
                    help="checkpoints of the two networks trained on poses within +-90 deg (--pose-range 90)")
+    p.add_argument("--ants-python", metavar="PYTHON",
+                   help="Python of a separate environment with antspyx, for the ants row (default: $E3POSE_ANTS_PYTHON; "
+                        "Resources/benchmarks/make_ants_env.sh makes one)")
     p.add_argument("--device", default="cpu", help="device for the networks (default cpu, as the timings state)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -165,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     ids = [fid for fid, _ in names]
     subsets = {"registration-multistart": _spread(ids, args.slow_volumes),
-               "registration-moments": _spread(ids, args.moments_volumes)}
+               "registration-moments": _spread(ids, args.moments_volumes),
+               "ants-search": _spread(ids, args.moments_volumes)}
     keys = {m.name: m.key() for m in methods}
     cached = {} if args.rerun else {
         m.name: r for m in methods if not m.unavailable()
@@ -254,6 +262,12 @@ def _methods(args, wanted, out):
             methods.append(cmp.SkippedMethod("standard-cnn", "standard 3D CNN",
                                              "no checkpoint given (--standard-cnn; train one with "
                                              "e3pose train-e3cnn --arch standard)"))
+    for name in (m for m in wanted if m in ANTS_LABELS):
+        import os
+
+        start, label = ANTS_LABELS[name]
+        methods.append(cmp.AntsMethod(_template(args, out), args.ants_python or os.environ.get("E3POSE_ANTS_PYTHON"),
+                                      start, name, label))
     methods += [t for t in cmp.external_tools() if t.name in wanted]
     if args.generalisation:
         for path, name, label in zip(args.generalisation, ("generalisation-e3cnn", "generalisation-standard"),
