@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # How the bundled default model (E3PoseLogic/data/models/default) was made, on a 2-core CPU without a GPU, and how to
 # make it again. Run from an empty working folder with the E3Pose venv active:  bash /path/to/default_model_cpu.sh
-# About 25 min of data generation, 3.5 h of training on 2 cores (U-Net phase 1, 30 epochs, beside E3-CNN 11, each re-reading its
-# data once per epoch (see run_to); U-Net phase 2, 15 epochs, about 30 min; then the refiner, about 80 min), 10 min of testing.
+# About 25 min of data generation, 3.5 h of training on 2 cores (U-Net phase 1, 30 epochs, beside E3-CNN 11, each
+# re-reading its data once per epoch (see run_to); U-Net phase 2, 15 epochs, about 30 min; then the refiner, about
+# 80 min), 10 min of testing.
 # Everything is synthetic (e3pose synth): the resulting model is labelled as trained on synthetic data.
 #
 # The last phase of each network starts (--init) from the intermediate checkpoints in init/ (see init/README.md), with
