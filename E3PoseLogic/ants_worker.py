@@ -6,7 +6,7 @@ E3PoseLogic and nothing beyond numpy and ants: ``comparison.AntsMethod`` starts 
 as for the SimpleITK registration) and exchanges one JSON line per volume on stdin / stdout::
 
     {"volume": "/tmp/x.nii.gz", "start": "com" | "search"}
-    -> {"matrix": [[...] x 3], "offset": [...], "seconds": s}    (or {"error": "..."})
+    -> {"matrix": [[...] x 3], "offset": [...]}    (or {"error": "..."})
 
 ``matrix``, ``offset``: the registration's transform as ITK applies it, fixed (volume) LPS point p -> moving
 (template) LPS point M p + offset; the caller turns it into a pose. ``start``: "com" is ANTs' own default
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 SEARCH_DEG = 45  # affine_initializer's rotation step about each Euler axis over the whole circle: 8^3 starts
 SEARCH_ITERATIONS = 5  # its local optimisation per start
@@ -35,7 +34,7 @@ def register(ants, template, mask, path, start):
                                        search_factor=SEARCH_DEG, radian_fraction=1.0, use_principal_axis=False,
                                        local_search_iterations=SEARCH_ITERATIONS)
     reg = ants.registration(fixed, template, type_of_transform="Similarity", moving_mask=mask,
-                            initial_transform=init if init is not None else None)
+                            initial_transform=init)
     tx = ants.read_transform(reg["fwdtransforms"][0])
     p0 = np.asarray(tx.apply_to_point((0.0, 0.0, 0.0)), dtype=float)
     cols = [np.asarray(tx.apply_to_point(tuple(e)), dtype=float) - p0 for e in np.eye(3)]
@@ -51,10 +50,9 @@ def main(argv=None) -> int:
         if not line.strip():
             continue
         req = json.loads(line)
-        t0 = time.perf_counter()
         try:
             m, off = register(ants, template, mask, req["volume"], req.get("start", "com"))
-            reply = {"matrix": m.tolist(), "offset": off.tolist(), "seconds": time.perf_counter() - t0}
+            reply = {"matrix": m.tolist(), "offset": off.tolist()}
         except Exception as exc:  # reported per volume; the caller counts it as that volume's failure
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(reply) + "\n")

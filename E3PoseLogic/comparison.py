@@ -83,10 +83,8 @@ class RegistrationMethod:
         return None
 
     def key(self) -> str:
-        import hashlib
-
-        digest = hashlib.sha256(np.ascontiguousarray(self.template.image, np.float32).tobytes()).hexdigest()
-        return f"registration start={self.start} n_starts={self.n_starts} code={code_digest(REGISTRATION_CODE)} template={digest}"
+        return (f"registration start={self.start} n_starts={self.n_starts} code={code_digest(REGISTRATION_CODE)} "
+                f"template={self.template.digest()}")
 
     def predict(self, array, affine):
         from .registration import register
@@ -104,23 +102,25 @@ class AntsMethod:
         self.template, self.python, self.start, self.name, self.label = template, python, start, name, label
         self._proc, self._dir = None, None
 
-    def unavailable(self) -> Optional[str]:
+    @functools.cached_property
+    def _why_unavailable(self) -> Optional[str]:
+        # asked more than once per comparison; each ask would start the other Python and import ants (seconds)
         import subprocess
 
         if not self.python or not Path(self.python).is_file():
-            return (f"not installed (antspyx pins numpy < 2.4 and scipy < 1.16: it needs its own environment; "
-                    f"make one with Resources/benchmarks/make_ants_env.sh and give --ants-python)")
+            return ("not installed (antspyx pins numpy < 2.4 and scipy < 1.16: it needs its own environment; "
+                    "make one with Resources/benchmarks/make_ants_env.sh and give --ants-python)")
         r = subprocess.run([str(self.python), "-c", "import ants"], capture_output=True, text=True)
         if r.returncode != 0:
             return f"{self.python} cannot import ants: {r.stderr.strip().splitlines()[-1] if r.stderr else ''}"
         return None
 
-    def key(self) -> str:
-        import hashlib
+    def unavailable(self) -> Optional[str]:
+        return self._why_unavailable
 
-        digest = hashlib.sha256(np.ascontiguousarray(self.template.image, np.float32).tobytes()).hexdigest()
-        worker = hashlib.sha256((Path(__file__).parent / "ants_worker.py").read_bytes()).hexdigest()[:16]
-        return f"ants start={self.start} worker={worker} template={digest}"
+    def key(self) -> str:
+        return (f"ants start={self.start} code={code_digest(('ants_worker.py', 'rotation.py'))} "
+                f"template={self.template.digest()}")
 
     def _worker(self):
         import subprocess
@@ -128,20 +128,14 @@ class AntsMethod:
 
         import nibabel as nib
 
-        from .refine import ball_mask
-
         if self._proc is None:
             self._dir = tempfile.TemporaryDirectory(prefix="e3pose-ants-")
-            tpl = Path(self._dir.name) / "template.nii.gz"
-            from .registration import HEAD_BALL
-
-            t = self.template
-            nib.save(nib.Nifti1Image(np.asarray(t.image, np.float32), t.ijk_to_canonical()), tpl)
-            ball = ball_mask(t.image.shape, t.spacing_mm, HEAD_BALL * t.radius_mm).astype(np.float32)
-            nib.save(nib.Nifti1Image(ball, t.ijk_to_canonical()), tpl.with_name("mask.nii.gz"))
-            self._proc = subprocess.Popen([str(self.python), str(Path(__file__).parent / "ants_worker.py"), str(tpl),
-                                           str(tpl.with_name("mask.nii.gz"))],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            folder, t = Path(self._dir.name), self.template
+            nib.save(nib.Nifti1Image(np.asarray(t.image, np.float32), t.ijk_to_canonical()), folder / "template.nii.gz")
+            nib.save(nib.Nifti1Image(t.head_mask().astype(np.float32), t.ijk_to_canonical()), folder / "mask.nii.gz")
+            self._proc = subprocess.Popen(
+                [str(self.python), str(Path(__file__).parent / "ants_worker.py"), str(folder / "template.nii.gz"),
+                 str(folder / "mask.nii.gz")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         return self._proc
 
     def predict(self, array, affine):

@@ -70,6 +70,17 @@ class Template:
         m[:3, 3] = -(n - 1) / 2.0 * self.spacing_mm
         return m
 
+    def head_mask(self) -> np.ndarray:
+        """Where registration metrics look (uint8 on the template grid): the head, HEAD_BALL brain radii about the
+        brain centre, not the womb around it."""
+        return ball_mask(self.image.shape, self.spacing_mm, HEAD_BALL * self.radius_mm).astype(np.uint8)
+
+    def digest(self) -> str:
+        """SHA-256 of the template image: what cached registration results were measured with."""
+        import hashlib
+
+        return hashlib.sha256(np.ascontiguousarray(self.image, np.float32).tobytes()).hexdigest()
+
 
 def _canonical_grid(rotation_ras, com_ras, spacing_mm, size, factor=1.0):
     """IJK->RAS of a template-shaped grid placed on a head: canonical point c sits at com + factor * R c."""
@@ -242,8 +253,7 @@ def register(array_ijk, ijk_to_ras, template: Template, start="identity", n_star
     fixed, fixed_grid = _working_image(a, g, WORK_SPACING_FACTOR * template.spacing_mm)
     t2c = template.ijk_to_canonical()
     moving = _template_sitk(np.asarray(template.image, dtype=np.float32), t2c)
-    mask = _template_sitk(ball_mask(template.image.shape, template.spacing_mm, HEAD_BALL * template.radius_mm)
-                          .astype(np.uint8), t2c)
+    mask = _template_sitk(template.head_mask(), t2c)
     starts, kind = _starts(fixed, fixed_grid, g, a.shape, template, start, n_starts, seed, centre)
     runs = [_optimise(sitk, fixed, moving, mask, rot, com, metric, iterations, template.radius_mm)
             for rot, com in starts]

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
                     "(--standard-cnn CKPT, e.g. from e3pose train-e3cnn --arch standard), ants / ants-search (ANTs\n"
                     "similarity registration of the same template from the centres of mass / after ANTs' rotation\n"
                     "search, run by --ants-python: the Python of an environment of its own with antspyx, made by\n"
-                    "Resources/benchmarks/make_ants_env.sh) and fireants (listed: no adapter). --generalisation E3CNN STANDARD adds the SO(3) experiment:\n"
+                    "Resources/benchmarks/make_ants_env.sh) and fireants (listed: no adapter).\n"
+                    "--generalisation E3CNN STANDARD adds the SO(3) experiment:\n"
                     "two networks trained with --pose-range 90, tested on rotations over all of SO(3).")
     p.add_argument("outdir", help="output folder")
     p.add_argument("--test-dir", help="annotated volumes: DIR/images/*.nii.gz and DIR/poses.csv (default: generate)")
@@ -55,8 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--generalisation", nargs=2, metavar=("E3CNN", "STANDARD"),
                    help="checkpoints of the two networks trained on poses within +-90 deg (--pose-range 90)")
     p.add_argument("--ants-python", metavar="PYTHON",
-                   help="Python of a separate environment with antspyx, for the ants row (default: $E3POSE_ANTS_PYTHON; "
-                        "Resources/benchmarks/make_ants_env.sh makes one)")
+                   help="Python of a separate environment with antspyx, for the ants rows (default: "
+                        "$E3POSE_ANTS_PYTHON; Resources/benchmarks/make_ants_env.sh makes one)")
     p.add_argument("--device", default="cpu", help="device for the networks (default cpu, as the timings state)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -247,8 +248,9 @@ def _methods(args, wanted, out):
     if "e3pose-refined" in wanted:
         methods.append(cmp.E3PoseMethod(pipe, True, "e3pose-refined", "E3Pose: E3-CNN + refinement (bundled)"))
     regs = [m for m in wanted if m.startswith("registration-")]
+    ants = [m for m in wanted if m in ANTS_LABELS]
+    template = _template(args, out) if regs or ants else None  # one template for every registration row
     if regs:
-        template = _template(args, out)
         labels = {"identity": "registration from the image centre", "moments": "registration from principal axes",
                   "multistart": "registration, 24 starts"}
         for m in regs:
@@ -262,12 +264,12 @@ def _methods(args, wanted, out):
             methods.append(cmp.SkippedMethod("standard-cnn", "standard 3D CNN",
                                              "no checkpoint given (--standard-cnn; train one with "
                                              "e3pose train-e3cnn --arch standard)"))
-    for name in (m for m in wanted if m in ANTS_LABELS):
+    for name in ants:
         import os
 
         start, label = ANTS_LABELS[name]
-        methods.append(cmp.AntsMethod(_template(args, out), args.ants_python or os.environ.get("E3POSE_ANTS_PYTHON"),
-                                      start, name, label))
+        methods.append(cmp.AntsMethod(template, args.ants_python or os.environ.get("E3POSE_ANTS_PYTHON"), start, name,
+                                      label))
     methods += [t for t in cmp.external_tools() if t.name in wanted]
     if args.generalisation:
         for path, name, label in zip(args.generalisation, ("generalisation-e3cnn", "generalisation-standard"),

@@ -100,8 +100,6 @@ class PhantomParams:
     def from_dict(cls, d: dict) -> "PhantomParams":
         kw = dict(d)
         for k, v in kw.items():
-            if k == "intensity":
-                continue
             if isinstance(v, list):
                 kw[k] = np.asarray(v, dtype=np.float64)
         return cls(**kw)
