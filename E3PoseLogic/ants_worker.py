@@ -1,7 +1,7 @@
 """ANTs registration for ``e3pose compare``, run by the Python of a separate environment that has antspyx.
 
 antspyx pins numpy and scipy versions the E3Pose environment cannot take, so this file imports nothing from
-E3PoseLogic and nothing beyond numpy and ants: ``comparison.AntsMethod`` starts it as
+E3PoseLogic and nothing beyond numpy and ants: ``comparison.WorkerMethod`` starts it as
 ``ANTS_PYTHON ants_worker.py TEMPLATE.nii.gz MASK.nii.gz`` (the metric's region: a ball about the template's head,
 as for the SimpleITK registration) and exchanges one JSON line per volume on stdin / stdout::
 

@@ -18,17 +18,30 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-# External registration packages whose pins clash with this package's environment (antspyx 0.6.3: numpy < 2.4 and
-# scipy < 1.16; fireants 1.5.0: SimpleITK 2.2.1), so they are never installed here. ANTs runs through AntsMethod
-# from an environment of its own; FireANTs has no adapter yet.
-EXTERNAL_TOOLS = {  # name: (import name, pip name, label)
-    "fireants": ("fireants", "fireants", "FireANTs registration"),
+# External registration packages whose pins clash with this package's environment, so they are never installed here:
+# each runs from an environment of its own (made by its script in Resources/benchmarks/), whose Python starts the
+# package's worker file; ``WorkerMethod`` talks to it.
+@dataclass(frozen=True)
+class ExternalTool:
+    module: str  # what the other Python must import
+    worker: str  # the worker file in this package (numpy and the tool only)
+    pins: str  # why it cannot live here
+    env_script: str  # Resources/benchmarks/ script that makes its environment
+    option: str  # e3pose compare's option naming that Python (and $E3POSE_<TOOL>_PYTHON)
+
+
+EXTERNAL_TOOLS = {
+    "ants": ExternalTool("ants", "ants_worker.py", "antspyx 0.6.3 pins numpy < 2.4 and scipy < 1.16",
+                         "make_ants_env.sh", "--ants-python"),
+    "fireants": ExternalTool("fireants", "fireants_worker.py", "fireants 1.5.0 pins SimpleITK 2.2.1",
+                             "make_fireants_env.sh", "--fireants-python"),
 }
 
 
 # What each method's poses depend on besides its files: cache keys hold a digest of this source, so a code change
 # reruns the rows it can affect (and only those: the registration rows take about an hour on 100 volumes).
-_NOT_POSE_CODE = ("cli", "training", "synth", "mrml", "comparison.py", "qc.py", "evaluate.py", "outputs.py")
+_NOT_POSE_CODE = ("cli", "training", "synth", "mrml", "comparison.py", "qc.py", "evaluate.py", "outputs.py",
+                  "ants_worker.py", "fireants_worker.py")
 REGISTRATION_CODE = ("registration.py", "refine.py", "rotation.py", "frames.py", "preprocess.py")
 
 
@@ -93,33 +106,36 @@ class RegistrationMethod:
         return dict(rotation=r.rotation, translation=r.translation)
 
 
-class AntsMethod:
-    """ANTs (antspyx) similarity registration of the same template, run by ``ants_worker.py`` in the separate
-    environment whose Python is ``python`` (antspyx cannot share this package's environment). One worker process
-    serves every volume, so its start-up is not counted per volume; each volume is handed over as a NIfTI file."""
+class WorkerMethod:
+    """A registration of the same template by an external package (ANTs, FireANTs), run by its worker file in the
+    separate environment whose Python is ``python`` (the package cannot share this one). One worker process serves
+    every volume, so its start-up is not counted per volume; each volume is handed over as a NIfTI file."""
 
-    def __init__(self, template, python, start: str, name: str, label: str):
-        self.template, self.python, self.start, self.name, self.label = template, python, start, name, label
+    def __init__(self, template, tool: str, python, start: str, name: str, label: str):
+        self.template, self.tool, self.python = template, EXTERNAL_TOOLS[tool], python
+        self.start, self.name, self.label = start, name, label
         self._proc, self._dir = None, None
 
     @functools.cached_property
     def _why_unavailable(self) -> Optional[str]:
-        # asked more than once per comparison; each ask would start the other Python and import ants (seconds)
+        # asked more than once per comparison; each ask would start the other Python and import the tool (seconds)
         import subprocess
 
+        t = self.tool
         if not self.python or not Path(self.python).is_file():
-            return ("not installed (antspyx pins numpy < 2.4 and scipy < 1.16: it needs its own environment; "
-                    "make one with Resources/benchmarks/make_ants_env.sh and give --ants-python)")
-        r = subprocess.run([str(self.python), "-c", "import ants"], capture_output=True, text=True)
+            return (f"not installed ({t.pins}: it needs its own environment; make one with "
+                    f"Resources/benchmarks/{t.env_script} and give {t.option})")
+        r = subprocess.run([str(self.python), "-c", f"import {t.module}"], capture_output=True, text=True)
         if r.returncode != 0:
-            return f"{self.python} cannot import ants: {r.stderr.strip().splitlines()[-1] if r.stderr else ''}"
+            return (f"{self.python} cannot import {t.module}: "
+                    f"{r.stderr.strip().splitlines()[-1] if r.stderr else ''}")
         return None
 
     def unavailable(self) -> Optional[str]:
         return self._why_unavailable
 
     def key(self) -> str:
-        return (f"ants start={self.start} code={code_digest(('ants_worker.py', 'rotation.py'))} "
+        return (f"{self.tool.module} start={self.start} code={code_digest((self.tool.worker, 'rotation.py'))} "
                 f"template={self.template.digest()}")
 
     def _worker(self):
@@ -129,12 +145,12 @@ class AntsMethod:
         import nibabel as nib
 
         if self._proc is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="e3pose-ants-")
+            self._dir = tempfile.TemporaryDirectory(prefix=f"e3pose-{self.tool.module}-")
             folder, t = Path(self._dir.name), self.template
             nib.save(nib.Nifti1Image(np.asarray(t.image, np.float32), t.ijk_to_canonical()), folder / "template.nii.gz")
             nib.save(nib.Nifti1Image(t.head_mask().astype(np.float32), t.ijk_to_canonical()), folder / "mask.nii.gz")
             self._proc = subprocess.Popen(
-                [str(self.python), str(Path(__file__).parent / "ants_worker.py"), str(folder / "template.nii.gz"),
+                [str(self.python), str(Path(__file__).parent / self.tool.worker), str(folder / "template.nii.gz"),
                  str(folder / "mask.nii.gz")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         return self._proc
 
@@ -150,10 +166,10 @@ class AntsMethod:
         proc.stdin.flush()
         line = proc.stdout.readline()
         if not line:
-            raise RuntimeError("the ANTs worker stopped")
+            raise RuntimeError(f"the {self.tool.module} worker stopped")
         reply = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"ANTs: {reply['error']}")
+            raise RuntimeError(f"{self.tool.module}: {reply['error']}")
         return pose_from_itk(reply["matrix"], reply["offset"])
 
     def close(self):
@@ -190,20 +206,6 @@ class SkippedMethod:
 
     def predict(self, array, affine):  # pragma: no cover - never called
         raise RuntimeError(self.reason)
-
-
-def external_tools() -> List[SkippedMethod]:
-    """ANTs and FireANTs rows: not installed (they must live in their own environment), or installed but with no
-    adapter in this harness yet; either way the row says which."""
-    out = []
-    for name, (module, package, label) in EXTERNAL_TOOLS.items():
-        if importlib.util.find_spec(module) is None:
-            why = (f"not installed ({package} pins numpy, scipy or SimpleITK versions this environment cannot "
-                   "take: it needs its own virtual environment)")
-        else:
-            why = f"{package} is installed, but this harness has no adapter for it yet"
-        out.append(SkippedMethod(name, label, why))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ running

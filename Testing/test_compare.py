@@ -7,6 +7,7 @@ with random weights for the generalisation rows) and real SimpleITK registration
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,9 +19,11 @@ pytest.importorskip("SimpleITK")
 
 
 def _compare(tmp_path, *args):
+    # the external tools' environments are never given here: their rows must say how to make them
+    env = {k: v for k, v in os.environ.items() if k not in ("E3POSE_ANTS_PYTHON", "E3POSE_FIREANTS_PYTHON")}
     return subprocess.run([sys.executable, "-m", "E3PoseLogic", "compare", str(tmp_path / "cmp"), "--n-test", "2",
                            "--template-cases", "2", "--slow-volumes", "1", "--moments-volumes", "1", "--quiet",
-                           *map(str, args)], capture_output=True, text=True, cwd=tmp_path)
+                           *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,8 @@ def compared(tmp_path_factory):
     e3 = tmp / "e3cnn.pt"
     save_native(e3, E3CNN(E3CNNConfig(n_downsample=2, mult=1, lmax=2, crop_size=16)), "e3cnn",
                 {"trained_on": "nothing (test)"})
-    methods = "e3pose-network,e3pose-refined,registration-identity,registration-multistart,standard-cnn,ants"
+    methods = ("e3pose-network,e3pose-refined,registration-identity,registration-multistart,standard-cnn,ants,"
+               "fireants")
     r = _compare(tmp, "--methods", methods, "--standard-cnn", std, "--generalisation", e3, std)
     assert r.returncode == 0, r.stderr[-3000:]
     return tmp, r
@@ -56,8 +60,9 @@ def test_every_method_is_measured_or_listed_as_skipped(compared):
         lines = (out / name / "per_case.csv").read_text().splitlines()
         assert len(lines) == 3 and lines[0].startswith("frame_id,status,rotation_error_deg")
     assert rows["registration-multistart"]["n"] == 1  # --slow-volumes 1
-    # no ANTs environment given (--ants-python / $E3POSE_ANTS_PYTHON): listed, with how to make one
+    # no ANTs or FireANTs environment given (--ants-python, --fireants-python): listed, with how to make one
     assert rows["ants"]["status"] == "skipped" and "make_ants_env.sh" in rows["ants"]["note"]
+    assert rows["fireants"]["status"] == "skipped" and "make_fireants_env.sh" in rows["fireants"]["note"]
     table = (out / "comparison.md").read_text()
     assert "| ANTs (antspyx) similarity registration, from the centres of mass | skipped:" in table and "SO(3) generalisation" in table
     for png in ("error_by_magnitude.png", "so3_generalisation.png"):
@@ -142,3 +147,15 @@ def test_ants_transform_becomes_the_pose():
     c = np.array([10.0, 20.0, -5.0])
     w = scale * rot @ c + centre
     assert np.allclose(tx.TransformPoint(tuple(f @ w)), f @ c, atol=1e-6)
+
+
+def test_an_environment_without_the_tool_is_named_in_the_reason(tmp_path):
+    """A Python that runs but cannot import the tool (here this environment's, which must never hold fireants or
+    ants) is reported with the tool's name, not started as a worker."""
+    from E3PoseLogic.comparison import WorkerMethod
+
+    for tool in ("fireants", "ants"):
+        m = WorkerMethod(None, tool, sys.executable, "com", tool, tool)
+        assert f"cannot import {tool}" in m.unavailable()
+    missing = WorkerMethod(None, "fireants", tmp_path / "no-python", "moments", "fireants", "fireants").unavailable()
+    assert "not installed" in missing and "make_fireants_env.sh" in missing and "--fireants-python" in missing

@@ -12,8 +12,12 @@ DEFAULT_TEST_SEEDS = (41, 42)  # the model card's held-out set: standard, naviga
 TEMPLATE_SEED = 1  # a training seed: the template is built from annotated training volumes, never test ones
 METHODS = ("e3pose-network", "e3pose-refined", "registration-identity", "registration-moments",
            "registration-multistart", "standard-cnn", "ants", "ants-search", "fireants")
-ANTS_LABELS = {"ants": ("com", "ANTs (antspyx) similarity registration, from the centres of mass"),
-               "ants-search": ("search", "ANTs similarity registration after its rotation search (8^3 starts)")}
+# rows run by an external package's worker in its own environment: name -> (tool, start, label)
+WORKER_ROWS = {
+    "ants": ("ants", "com", "ANTs (antspyx) similarity registration, from the centres of mass"),
+    "ants-search": ("ants", "search", "ANTs similarity registration after its rotation search (8^3 starts)"),
+    "fireants": ("fireants", "moments", "FireANTs rigid registration with scales, from its moments matching"),
+}
 
 
 def register(subparsers) -> None:
@@ -31,7 +35,9 @@ def register(subparsers) -> None:
                     "(--standard-cnn CKPT, e.g. from e3pose train-e3cnn --arch standard), ants / ants-search (ANTs\n"
                     "similarity registration of the same template from the centres of mass / after ANTs' rotation\n"
                     "search, run by --ants-python: the Python of an environment of its own with antspyx, made by\n"
-                    "Resources/benchmarks/make_ants_env.sh) and fireants (listed: no adapter).\n"
+                    "Resources/benchmarks/make_ants_env.sh) and fireants (FireANTs rigid registration with scales\n"
+                    "after its second-order moments matching, run by --fireants-python, made by\n"
+                    "make_fireants_env.sh).\n"
                     "--generalisation E3CNN STANDARD adds the SO(3) experiment:\n"
                     "two networks trained with --pose-range 90, tested on rotations over all of SO(3).")
     p.add_argument("outdir", help="output folder")
@@ -44,7 +50,7 @@ def register(subparsers) -> None:
                    help="registration-multistart runs on N volumes spread over the set (about a minute each on 2 "
                         "cores; default 20, 0 = all)")
     p.add_argument("--moments-volumes", type=int, default=50, metavar="N",
-                   help="registration-moments and ants-search run on N volumes spread over the set (5-20 s "
+                   help="registration-moments, ants-search and fireants run on N volumes spread over the set (5-30 s "
                         "each; default 50, 0 = all)")
     p.add_argument("--rerun", action="store_true",
                    help="run every method again (default: a method already measured in OUTDIR on the same "
@@ -58,6 +64,9 @@ def register(subparsers) -> None:
     p.add_argument("--ants-python", metavar="PYTHON",
                    help="Python of a separate environment with antspyx, for the ants rows (default: "
                         "$E3POSE_ANTS_PYTHON; Resources/benchmarks/make_ants_env.sh makes one)")
+    p.add_argument("--fireants-python", metavar="PYTHON",
+                   help="Python of a separate environment with fireants, for the fireants row (default: "
+                        "$E3POSE_FIREANTS_PYTHON; Resources/benchmarks/make_fireants_env.sh makes one)")
     p.add_argument("--device", default="cpu", help="device for the networks (default cpu, as the timings state)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -174,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     ids = [fid for fid, _ in names]
     subsets = {"registration-multistart": _spread(ids, args.slow_volumes),
                "registration-moments": _spread(ids, args.moments_volumes),
-               "ants-search": _spread(ids, args.moments_volumes)}
+               "ants-search": _spread(ids, args.moments_volumes), "fireants": _spread(ids, args.moments_volumes)}
     keys = {m.name: m.key() for m in methods}
     cached = {} if args.rerun else {
         m.name: r for m in methods if not m.unavailable()
@@ -248,8 +257,8 @@ def _methods(args, wanted, out):
     if "e3pose-refined" in wanted:
         methods.append(cmp.E3PoseMethod(pipe, True, "e3pose-refined", "E3Pose: E3-CNN + refinement (bundled)"))
     regs = [m for m in wanted if m.startswith("registration-")]
-    ants = [m for m in wanted if m in ANTS_LABELS]
-    template = _template(args, out) if regs or ants else None  # one template for every registration row
+    workers = [m for m in wanted if m in WORKER_ROWS]
+    template = _template(args, out) if regs or workers else None  # one template for every registration row
     if regs:
         labels = {"identity": "registration from the image centre", "moments": "registration from principal axes",
                   "multistart": "registration, 24 starts"}
@@ -264,13 +273,12 @@ def _methods(args, wanted, out):
             methods.append(cmp.SkippedMethod("standard-cnn", "standard 3D CNN",
                                              "no checkpoint given (--standard-cnn; train one with "
                                              "e3pose train-e3cnn --arch standard)"))
-    for name in ants:
+    for name in workers:
         import os
 
-        start, label = ANTS_LABELS[name]
-        methods.append(cmp.AntsMethod(template, args.ants_python or os.environ.get("E3POSE_ANTS_PYTHON"), start, name,
-                                      label))
-    methods += [t for t in cmp.external_tools() if t.name in wanted]
+        tool, start, label = WORKER_ROWS[name]
+        python = getattr(args, f"{tool}_python") or os.environ.get(f"E3POSE_{tool.upper()}_PYTHON")
+        methods.append(cmp.WorkerMethod(template, tool, python, start, name, label))
     if args.generalisation:
         for path, name, label in zip(args.generalisation, ("generalisation-e3cnn", "generalisation-standard"),
                                      ("E3-CNN trained within +-90 deg", "standard CNN trained within +-90 deg")):

@@ -43,7 +43,10 @@ e3pose train-e3cnn $DATA runs/gen_std --arch standard --pose-range 90 $GRID --op
 wait
 # ANTs in an environment of its own (antspyx pins numpy < 2.4 and scipy < 1.16); without it its rows are skipped
 bash "$(dirname "$0")/make_ants_env.sh" .venv-ants || echo "compare.sh: no ANTs environment: its rows are skipped"
-# every method on the same 100 held-out volumes (registration with 4 starts and ANTs' rotation search on 30 of them,
-# registration with 24 starts on 12)
+# FireANTs likewise (fireants 1.5.0 pins SimpleITK 2.2.1)
+bash "$(dirname "$0")/make_fireants_env.sh" .venv-fireants || echo "compare.sh: no FireANTs environment: its row is skipped"
+# every method on the same 100 held-out volumes (registration with 4 starts, ANTs' rotation search and FireANTs on 30
+# of them, registration with 24 starts on 12)
 e3pose compare cmp --n-test 100 --moments-volumes 30 --slow-volumes 12 --standard-cnn runs/std/best.pt \
-    --generalisation runs/gen_e3/best.pt runs/gen_std/best.pt --ants-python .venv-ants/bin/python
+    --generalisation runs/gen_e3/best.pt runs/gen_std/best.pt --ants-python .venv-ants/bin/python \
+    --fireants-python .venv-fireants/bin/python
