@@ -54,7 +54,7 @@ def code_digest(only: Optional[tuple] = None) -> str:
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
         rel = f.relative_to(root)
-        if rel.parts[0] in _NOT_POSE_CODE or (only is not None and rel.as_posix() not in only):
+        if (rel.parts[0] in _NOT_POSE_CODE) if only is None else (rel.as_posix() not in only):
             continue
         h.update(rel.as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]

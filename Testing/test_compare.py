@@ -116,6 +116,9 @@ def test_cache_keys_follow_the_code_they_depend_on():
                 for m in mods:
                     assert f"{m}.py" in set(REGISTRATION_CODE) | harmless, f"{name} imports .{m}"
     assert len(code_digest()) == 16 and code_digest() != code_digest(REGISTRATION_CODE)
+    # a worker's row is keyed by its own file even though no E3Pose pose depends on it
+    assert code_digest(("ants_worker.py", "rotation.py")) != code_digest(("fireants_worker.py", "rotation.py"))
+    assert code_digest(("ants_worker.py", "rotation.py")) != code_digest(("rotation.py",))
 
 
 def test_ants_transform_becomes_the_pose():
