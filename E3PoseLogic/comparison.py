@@ -24,7 +24,7 @@ import numpy as np
 @dataclass(frozen=True)
 class ExternalTool:
     module: str  # what the other Python must import
-    worker: str  # the worker file in this package (numpy and the tool only)
+    worker: str  # the worker file in this package (imports nothing from it: only the tool and its own needs)
     pins: str  # why it cannot live here
     env_script: str  # Resources/benchmarks/ script that makes its environment
     option: str  # e3pose compare's option naming that Python (and $E3POSE_<TOOL>_PYTHON)
