@@ -1,9 +1,10 @@
 """ANTs registration for ``e3pose compare``, run by the Python of a separate environment that has antspyx.
 
 antspyx pins numpy and scipy versions the E3Pose environment cannot take, so this file imports nothing from
-E3PoseLogic and nothing beyond numpy and ants: ``comparison.WorkerMethod`` starts it as
-``ANTS_PYTHON ants_worker.py TEMPLATE.nii.gz MASK.nii.gz`` (the metric's region: a ball about the template's head,
-as for the SimpleITK registration) and exchanges one JSON line per volume on stdin / stdout::
+E3PoseLogic but its sibling ``worker_protocol.py`` (the line protocol), and nothing beyond numpy and ants.
+``comparison.WorkerMethod`` starts it as ``ANTS_PYTHON ants_worker.py TEMPLATE.nii.gz MASK.nii.gz`` (the metric's
+region: a ball about the template's head, as for the SimpleITK registration) and exchanges one JSON line per volume
+on stdin / stdout::
 
     {"volume": "/tmp/x.nii.gz", "start": "com" | "search"}
     -> {"matrix": [[...] x 3], "offset": [...]}    (or {"error": "..."})
@@ -15,7 +16,6 @@ starting rotations each briefly optimised, best metric kept.
 """
 from __future__ import annotations
 
-import json
 import sys
 
 SEARCH_DEG = 45  # affine_initializer's rotation step about each Euler axis over the whole circle: 8^3 starts
@@ -44,20 +44,10 @@ def register(ants, template, mask, path, start):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     import ants
+    from worker_protocol import serve  # a sibling file: this Python cannot import the package
 
     template, mask = ants.image_read(argv[0]), ants.image_read(argv[1])
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        try:
-            m, off = register(ants, template, mask, req["volume"], req.get("start", "com"))
-            reply = {"matrix": m.tolist(), "offset": off.tolist()}
-        except Exception as exc:  # reported per volume; the caller counts it as that volume's failure
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
-    return 0
+    return serve(lambda volume, start: register(ants, template, mask, volume, start))
 
 
 if __name__ == "__main__":

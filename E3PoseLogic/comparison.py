@@ -41,7 +41,7 @@ EXTERNAL_TOOLS = {
 # What each method's poses depend on besides its files: cache keys hold a digest of this source, so a code change
 # reruns the rows it can affect (and only those: the registration rows take about an hour on 100 volumes).
 _NOT_POSE_CODE = ("cli", "training", "synth", "mrml", "comparison.py", "qc.py", "evaluate.py", "outputs.py",
-                  "ants_worker.py", "fireants_worker.py")
+                  "ants_worker.py", "fireants_worker.py", "worker_protocol.py")
 REGISTRATION_CODE = ("registration.py", "refine.py", "rotation.py", "frames.py", "preprocess.py")
 
 
@@ -135,8 +135,8 @@ class WorkerMethod:
         return self._why_unavailable
 
     def key(self) -> str:
-        return (f"{self.tool.module} start={self.start} code={code_digest((self.tool.worker, 'rotation.py'))} "
-                f"template={self.template.digest()}")
+        code = code_digest((self.tool.worker, "worker_protocol.py", "rotation.py"))
+        return f"{self.tool.module} start={self.start} code={code} template={self.template.digest()}"
 
     def _worker(self):
         import subprocess

@@ -1,9 +1,9 @@
 """FireANTs registration for ``e3pose compare``, run by the Python of a separate environment that has fireants.
 
 fireants 1.5.0 pins SimpleITK 2.2.1, which the E3Pose environment cannot take, so this file imports nothing from
-E3PoseLogic and nothing beyond numpy, torch, SimpleITK and fireants. ``comparison.WorkerMethod`` starts it as
-``FIREANTS_PYTHON fireants_worker.py TEMPLATE.nii.gz MASK.nii.gz`` and exchanges one JSON line per volume on
-stdin / stdout, the same protocol as ``ants_worker.py``::
+E3PoseLogic but its sibling ``worker_protocol.py`` (the line protocol), and nothing beyond numpy, torch, SimpleITK and
+fireants. ``comparison.WorkerMethod`` starts it as ``FIREANTS_PYTHON fireants_worker.py TEMPLATE.nii.gz MASK.nii.gz``
+and exchanges one JSON line per volume on stdin / stdout, as ``ants_worker.py`` does::
 
     {"volume": "/tmp/x.nii.gz", "start": "com" | "moments"}
     -> {"matrix": [[...] x 3], "offset": [...]}    (or {"error": "..."})
@@ -17,7 +17,6 @@ scale 1.3-2x); FireANTs' masked metrics need the mask as an extra image channel,
 """
 from __future__ import annotations
 
-import json
 import sys
 
 SCALES = (4, 2)  # FireANTs' down-sampling factors, coarse to fine (full resolution not tried: it multiplies the time)
@@ -59,20 +58,11 @@ def main(argv=None) -> int:
     from fireants.io import image as fa
 
     logging.disable(logging.INFO)
+    from worker_protocol import serve  # a sibling file: this Python cannot import the package
+
     template = sitk.ReadImage(argv[0], sitk.sitkFloat32)  # argv[1], the head mask, is not used: see above
     moving = fa.BatchedImages([fa.Image(template, device=DEVICE)])
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        req = json.loads(line)
-        try:
-            m, off = register(fa, sitk, moving, req["volume"], req.get("start", "com"))
-            reply = {"matrix": m.tolist(), "offset": off.tolist()}
-        except Exception as exc:  # reported per volume; the caller counts it as that volume's failure
-            reply = {"error": f"{type(exc).__name__}: {exc}"}
-        reply_to.write(json.dumps(reply) + "\n")
-        reply_to.flush()
-    return 0
+    return serve(lambda volume, start: register(fa, sitk, moving, volume, start), reply_to)
 
 
 if __name__ == "__main__":

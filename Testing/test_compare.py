@@ -162,3 +162,29 @@ def test_an_environment_without_the_tool_is_named_in_the_reason(tmp_path):
         assert f"cannot import {tool}" in m.unavailable()
     missing = WorkerMethod(None, "fireants", tmp_path / "no-python", "moments", "fireants", "fireants").unavailable()
     assert "not installed" in missing and "make_fireants_env.sh" in missing and "--fireants-python" in missing
+
+
+def test_the_worker_protocol_answers_every_line_and_reports_failures(monkeypatch):
+    """The loop both external workers run: one reply per request, in order, a failing volume answered with its error
+    and the next one still served."""
+    import io
+
+    import numpy as np
+
+    from E3PoseLogic.worker_protocol import serve
+
+    def register(volume, start):
+        if volume == "bad.nii.gz":
+            raise RuntimeError("unreadable")
+        return np.eye(3) * 2.0, np.array([1.0, 2.0, 3.0]) if start == "com" else np.zeros(3)
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(
+        '{"volume": "a.nii.gz"}\n\n{"volume": "bad.nii.gz", "start": "moments"}\n'
+        '{"volume": "b.nii.gz", "start": "moments"}\n'))
+    out = io.StringIO()
+    assert serve(register, out) == 0
+    replies = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(replies) == 3
+    assert replies[0] == {"matrix": (np.eye(3) * 2).tolist(), "offset": [1.0, 2.0, 3.0]}
+    assert replies[1] == {"error": "RuntimeError: unreadable"}
+    assert replies[2]["offset"] == [0.0, 0.0, 0.0]
