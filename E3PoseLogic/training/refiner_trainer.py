@@ -72,9 +72,21 @@ def wrong_plane_normal(rng, min_deg=20.0, tilt_sd_deg=10.0):
             return n
 
 
+def slab_radius(radius, rng, scale_sd=0.08, scale_range=None):
+    """The radius a training slab is scaled by (see ``draw_sample``)."""
+    if scale_range is not None and rng.random() < 0.5:
+        return radius * float(np.exp(rng.uniform(np.log(scale_range[0]), np.log(scale_range[1]))))
+    return radius * float(np.exp(rng.normal(0.0, scale_sd)))
+
+
 def draw_sample(cube, sp, radius, err, cfg, rng, tilt_sd_deg=4.0, offset_sd_mm=1.5, shift_sd_mm=2.0, warp_sd=0.04,
-                scale_sd=0.08, wrong_plane=False):
+                scale_sd=0.08, wrong_plane=False, scale_range=None):
     """One training slab [C, S, S] and its target [6]: e_y, e_z and the brain centre, in slab coordinates.
+
+    The slabs are scaled by a radius near the true one (log-normal, ``scale_sd``); with ``scale_range`` (lo, hi), half
+    of them anywhere from lo to hi times it instead (log-uniform): the refinement scales its slabs by the U-Net's
+    brain volume, which on real anatomy is often a fraction of the brain (a third or less on the transfer set),
+    and the other half keeps the precision where the volume is right.
 
     ``wrong_plane``: the slabs lie along a plane that is not the mid-sagittal one (``wrong_plane_normal``), a
     negative for the plane logit; its e_y, e_z targets are then the axes' projections and are not trained on.
@@ -90,7 +102,7 @@ def draw_sample(cube, sp, radius, err, cfg, rng, tilt_sd_deg=4.0, offset_sd_mm=1
     u, v = slab_basis(n)
     turn = _rot_about(n, rng.uniform(0.0, 2.0 * np.pi))
     u, v = turn @ u, turn @ v
-    r = radius * float(np.exp(rng.normal(0.0, scale_sd)))
+    r = slab_radius(radius, rng, scale_sd, scale_range)
     warp = None
     if warp_sd > 0:
         coarse = rng.normal(0.0, warp_sd * r, size=(2, 4, 4))
@@ -155,13 +167,13 @@ PLANE_LOSS_WEIGHT = 1.0  # binary cross-entropy of the plane logit, next to the 
 
 
 def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, log=print, provenance=None,
-          max_steps=None, init=None, wrong_plane_fraction=0.5):
+          max_steps=None, init=None, wrong_plane_fraction=0.5, scale_range=None):
     """Adam on the squared error of the unit targets; checkpoint (native 'refiner') every few minutes.
 
     The learning rate is cosine-annealed over ``max_steps`` when given (reproducible), else over the time budget.
     With ``cfg.plane_logit``, a share ``wrong_plane_fraction`` of each batch is slabs along wrong planes: they train
     the plane logit only (binary cross-entropy), the mid-sagittal ones train everything. ``init``: a refinement
-    checkpoint to start from (``init_from``).
+    checkpoint to start from (``init_from``). ``scale_range``: see ``draw_sample``.
     """
     import torch
 
@@ -196,7 +208,8 @@ def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, 
         elapsed = elapsed0 + time.perf_counter() - t0
         prov = dict(provenance or {}, steps=step, batch_size=batch, lr=lr, seed=seed, training_time_s=elapsed,
                     n_volumes=len(cubes), history=history[-50:], init=str(init) if init else None,
-                    wrong_plane_fraction=n_wrong / batch)
+                    wrong_plane_fraction=n_wrong / batch,
+                    scale_range=list(scale_range) if scale_range is not None else None)
         save_native(out_dir / "refiner.pt", net.eval(), "refiner", prov)
         torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
                     "elapsed_s": elapsed, "history": history}, out_dir / "last.pt")
@@ -211,7 +224,8 @@ def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, 
     while progress() < 1.0:
         xs, ys = [], []
         for i in range(batch):
-            slab, target = draw_sample(*cubes[int(rng.integers(len(cubes)))], cfg, rng, wrong_plane=i < n_wrong)
+            slab, target = draw_sample(*cubes[int(rng.integers(len(cubes)))], cfg, rng, wrong_plane=i < n_wrong,
+                                        scale_range=scale_range)
             xs.append(random_contrast(slab, rng))
             ys.append(target)
         x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
