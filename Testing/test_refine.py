@@ -125,11 +125,11 @@ def test_refinement_recovers_the_pose(heads, refiner, start):
 
 def test_refinement_holds_when_the_brain_volume_is_a_third(heads, refiner):
     """On real anatomy the U-Net often finds only part of the brain (on the transfer set: 64 % of its volume in the
-    median, under 60 % in 4 volumes of 10), so the slabs are scaled to a brain too small and centred off it. Started 25 deg and 5 mm off with a third of the
-    true volume, the bundled refiner ends 4.4 to 8.2 deg off on these heads (median 6.2; 1.4 to 3.4 deg with the
-    true volume), centre 1.4 to 2.7 mm (median 2.1). A guard against losing this, not a goal: a refiner trained with
-    --scale-range 0.55 1.15 gets 0.3 to 7.1 deg (median 2.2) here but was not shipped (README: it reads real anatomy
-    worse)."""
+    median, under 60 % in 4 volumes of 10), so the slabs are scaled to a brain too small and centred off it.
+    Started 25 deg and 5 mm off with a third of the true volume, the bundled refiner ends 4.4 to 8.2 deg off on
+    these heads (median 6.2; 1.4 to 3.4 deg with the true volume), centre 1.4 to 2.7 mm (median 2.1). A guard
+    against losing this, not a goal: a refiner trained with --scale-range 0.55 1.15 gets 0.3 to 7.1 deg (median 2.2)
+    here but was not shipped (README: it reads real anatomy worse)."""
     from E3PoseLogic.refine import refine_pose
     from E3PoseLogic.rotation import geodesic_deg
 

@@ -29,9 +29,9 @@ def register(sub):
                    help="also learn whether the slabs lie along the mid-sagittal plane (half of each batch is slabs "
                         "along wrong planes); the refinement then ranks its plane hypotheses with it")
     p.add_argument("--scale-range", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="scale the training slabs by LO to HI times the brain's true size (log-uniform) instead of "
-                        "within about 8 %% for half of them: teaches the network heads whose brain volume the U-Net got wrong "
-                        "(e.g. 0.55 1.15: on real anatomy the U-Net often finds only part of the brain)")
+                   help="scale half of the training slabs by LO to HI times the brain's true size (log-uniform; the "
+                        "rest within about 8 %%), for heads whose brain volume the U-Net gets wrong (e.g. 0.55 1.15: "
+                        "on real anatomy it often finds only part of the brain)")
     p.add_argument("--trained-on", metavar="TEXT", default="", help="training-data description for the checkpoint")
     p.set_defaults(func=run)
 

@@ -85,7 +85,7 @@ def draw_sample(cube, sp, radius, err, cfg, rng, tilt_sd_deg=4.0, offset_sd_mm=1
 
     The slabs are scaled by a radius near the true one (log-normal, ``scale_sd``); with ``scale_range`` (lo, hi), half
     of them anywhere from lo to hi times it instead (log-uniform): the refinement scales its slabs by the U-Net's
-    brain volume, which on real anatomy is often a fraction of the brain (a third or less on the transfer set),
+    brain volume, which on real anatomy is often too small (transfer set: 64 % of the true volume in the median),
     and the other half keeps the precision where the volume is right.
 
     ``wrong_plane``: the slabs lie along a plane that is not the mid-sagittal one (``wrong_plane_normal``), a
