@@ -43,17 +43,18 @@ e3pose train-e3cnn $DATA runs/std2 --arch standard ${GRID/--threads 1/--threads 
 # the generalisation experiment: both networks from scratch, only poses within +-90 deg, side by side, one thread each.
 # The E3-CNN gets the bundled E3-CNN's first two phases (GEN_A, GEN_B minutes) and a third (GEN_C); the standard CNN
 # GEN_STD minutes. The README's run: 27 + 28 + 40 = 95 min and 55 min, on 2 cores shared with other jobs
+GTO="$TO, poses within +-90 deg only"
 E3GEN="--arch e3cnn --pose-range 90 $GRID --mult 1 --lmax 2 --optimizer sgd --lr-schedule cosine"
 ( e3pose train-e3cnn $DATA runs/gen_e3_a $E3GEN --lr 0.005 --batch-size 4 --steps-per-epoch 200 --epochs 10 \
-      --time-limit "${GEN_A:-27}" --seed 5 --trained-on "$TO, poses within +-90 deg only"
+      --time-limit "${GEN_A:-27}" --seed 5 --trained-on "$GTO"
   e3pose train-e3cnn $DATA runs/gen_e3_b $E3GEN --lr 0.005 --batch-size 1 --steps-per-epoch 500 --epochs 13 \
-      --time-limit "${GEN_B:-28}" --seed 5 --trained-on "$TO, poses within +-90 deg only" --init runs/gen_e3_a/last.pt
+      --time-limit "${GEN_B:-28}" --seed 5 --trained-on "$GTO" --init runs/gen_e3_a/last.pt
   e3pose train-e3cnn $DATA runs/gen_e3 $E3GEN --lr 0.003 --batch-size 1 --steps-per-epoch 500 --epochs 20 \
-      --time-limit "${GEN_C:-40}" --seed 6 --trained-on "$TO, poses within +-90 deg only" --init runs/gen_e3_b/last.pt
+      --time-limit "${GEN_C:-40}" --seed 6 --trained-on "$GTO" --init runs/gen_e3_b/last.pt
 ) &
 e3pose train-e3cnn $DATA runs/gen_std --arch standard --pose-range 90 $GRID --optimizer adam --lr 1e-3 \
     --lr-schedule cosine --batch-size 8 --steps-per-epoch 500 --epochs 60 --time-limit "${GEN_STD:-55}" --seed 5 \
-    --trained-on "$TO, poses within +-90 deg only" &
+    --trained-on "$GTO" &
 wait
 # ANTs in an environment of its own (antspyx pins numpy < 2.4 and scipy < 1.16); without it its rows are skipped
 bash "$(dirname "$0")/make_ants_env.sh" .venv-ants || echo "compare.sh: no ANTs environment: its rows are skipped"
