@@ -72,6 +72,67 @@ def test_search_finds_the_plane_when_the_centre_is_off_it(heads):
         assert plane.offset == pytest.approx(float(normal @ (case.com_ras - centre)), abs=1.5)
 
 
+def test_mirror_scores_match_a_direct_computation():
+    """The batched score (torch's grid_sample on points kept in (k, j, i) order and scaled to [-1, 1]) is the
+    correlation of the cube with its reflection computed plainly (scipy's map_coordinates), near the faces too: the
+    cube continues as zeros, interpolated within the voxel beyond its last one (scipy's 'grid-constant')."""
+    from scipy import ndimage
+
+    from E3PoseLogic.refine import MirrorScore
+
+    rng = np.random.default_rng(5)
+    cube = ndimage.gaussian_filter(rng.random((22, 22, 22)), 1.5).astype(np.float32)
+    cube[:, :, :6] += 0.3  # not symmetric about the centre
+    sp, radius = 1.5, 15.0  # the ball reaches past the cube's faces: reflected points fall outside (zeros)
+    ms = MirrorScore(cube, sp, radius)
+    normals = rng.normal(size=(6, 3))
+    normals[0] = [1.0, 0.0, 0.0]
+    offsets = rng.uniform(-4.0, 4.0, size=6)
+    got = ms.scores(normals, offsets)
+    c = (cube.shape[0] - 1) / 2.0
+    for n, o, g in zip(normals, offsets, got):
+        n = n / np.linalg.norm(n)
+        q = ms.p - 2.0 * (ms.p @ n - o)[:, None] * n[None]
+        w = ndimage.map_coordinates(cube.astype(np.float64), (q / sp + c).T, order=1, mode="grid-constant", cval=0.0)
+        w = w - w.mean()
+        want = float((ms.v * w).sum() / (ms.vn * np.sqrt((w ** 2).sum())))
+        assert g == pytest.approx(want, abs=2e-5)
+        assert ms(n, o) == pytest.approx(g, abs=1e-6)
+    assert np.ptp(got) > 0.1  # the planes score differently: the check can fail
+
+
+def test_coarse_voxels_fit_the_plane_over_a_wider_ball():
+    """At navigator-like resolution (6 mm voxels) the brain is 4-8 voxels in radius, and the mirror fit over it
+    alone drifts degrees from the true plane; the chosen plane's last fit there compares 1.2 brain radii.
+
+    Ten navigator-like heads (seed 9302: no training, tuning or test set uses it), fitted from their true plane
+    with the centre 3.5 mm off: measured 1.0 to 7.8 deg (median 3.2, mean 4.0) over 1.2 radii, against 1.1 to 9.9
+    (median 4.6, mean 5.1) over the brain's ball."""
+    from E3PoseLogic.networks.sagittal import SagittalConfig
+    from E3PoseLogic.refine import (COARSE_PRECISE_RADIUS, COARSE_VOXEL_MM, MirrorSearch, Plane, equivalent_radius,
+                                    local_cube)
+    from E3PoseLogic.synth.acquisition import AcquisitionConfig
+    from E3PoseLogic.synth.dataset import SynthConfig, make_case
+
+    cfg = SynthConfig(acquisition=AcquisitionConfig(navigator=True))
+    ball, wide = [], []
+    for i in range(10):
+        case = make_case(9302, i, cfg)
+        assert np.prod(np.linalg.norm(case.affine[:3, :3], axis=0)) ** (1 / 3) >= COARSE_VOXEL_MM
+        brain_ml = float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000.0
+        radius = equivalent_radius(brain_ml)
+        start = case.rotation_ras @ rotation("z", 10.0) @ rotation("y", 8.0)
+        centre = case.com_ras + 2.0
+        cube, sp = local_cube(case.image.astype(np.float32), case.affine, centre, start, radius, SagittalConfig())
+        true_plane = Plane(start.T @ case.rotation_ras[:, 0], float(case.rotation_ras[:, 0] @ (case.com_ras - centre)),
+                           0.0)
+        for out, precise_radius in ((ball, 1.0), (wide, COARSE_PRECISE_RADIUS)):
+            plane = MirrorSearch(cube, sp, radius, precise_radius).polish(true_plane, precise=True)
+            out.append(_x_error_deg(start @ plane.normal, case.rotation_ras))
+    assert np.median(wide) < 4.5 and max(wide) < 10.0, np.round(wide, 1)
+    assert np.mean(wide) < np.mean(ball) - 0.5, (np.round(wide, 1), np.round(ball, 1))
+
+
 @pytest.fixture(scope="module")
 def refiner():
     from E3PoseLogic.checkpoints import load_refiner
@@ -116,9 +177,11 @@ TURN_25 = rotation("x", 15.0) @ rotation("y", -15.0) @ rotation("z", 12.0)
 def test_refinement_recovers_the_pose(heads, refiner, start):
     """25 deg off: back to a few degrees; 180 deg about a canonical axis: the right hypothesis (within 10 deg).
 
-    Measured with the bundled refiner on these heads: 25 deg -> 1.4 to 3.4 deg (median 2.6); every 180 deg start
-    -> 0.5 to 3.7 deg. The issue's goal for the 25 deg start is 2 deg: met on 2 heads of 6, not on the median.
+    Measured with the bundled refiner on these heads (two passes): 25 deg -> 0.4 to 4.1 deg (median 1.3; one pass:
+    0.7 to 4.0, median 2.4); every 180 deg start -> 0.4 to 4.0 deg (median 0.8). The issue's goal for the 25 deg
+    start is 2 deg: met on 4 heads of 6 and on the median.
     """
+    from E3PoseLogic.refine import PASSES
     from E3PoseLogic.rotation import geodesic_deg
 
     turn = {"25deg": TURN_25, "180x": rotation("x", 180.0), "180y": rotation("y", 180.0),
@@ -130,19 +193,20 @@ def test_refinement_recovers_the_pose(heads, refiner, start):
         assert ref.info["angle_moved_deg"] == pytest.approx(geodesic_deg(r0, ref.rotation), abs=1e-6)
         errors.append(geodesic_deg(ref.rotation, case.rotation_ras))
         centre_errors.append(np.linalg.norm(ref.translation - case.com_ras))
+        assert [p["hypothesis"] for p in ref.info["passes"]] and len(ref.info["passes"]) == PASSES
     errors = np.round(errors, 1)
     assert max(errors) < (5.0 if start == "25deg" else 10.0), errors
-    assert np.median(errors) < 3.5, errors
+    assert np.median(errors) < (2.5 if start == "25deg" else 3.5), errors
     assert np.median(centre_errors) < 2.0, np.round(centre_errors, 2)  # from 2.7 mm
 
 
 def test_refinement_holds_when_the_brain_volume_is_a_third(heads, refiner):
     """On real anatomy the U-Net often finds only part of the brain (on the transfer set: 64 % of its volume in the
     median, under 60 % in 4 volumes of 10), so the slabs are scaled to a brain too small and centred off it.
-    Started 25 deg and 5 mm off with a third of the true volume, the bundled refiner ends 4.4 to 8.2 deg off on
-    these heads (median 6.2; 1.4 to 3.4 deg with the true volume), centre 1.4 to 2.7 mm (median 2.1). A guard
-    against losing this, not a goal: a refiner trained with --scale-range 0.55 1.15 gets 0.3 to 7.1 deg (median 2.2)
-    here but was not shipped (README: it reads real anatomy worse)."""
+    Started 25 deg and 5 mm off with a third of the true volume, the bundled refiner ends 3.9 to 9.8 deg off on
+    these heads (median 5.3; 0.4 to 4.1 deg with the true volume), centre 1.4 to 3.3 mm (median 2.2). A guard
+    against losing this, not a goal: a refiner trained with --scale-range 0.55 1.15 got 0.3 to 7.1 deg (median 2.2,
+    one pass) here but was not shipped (README: it reads real anatomy worse)."""
     from E3PoseLogic.rotation import geodesic_deg
 
     runs = _refine_heads(heads, refiner, TURN_25, np.array([3.0, -3.0, 2.5]), volume_factor=1.0 / 3.0)  # 4.9 mm off
@@ -265,6 +329,10 @@ def test_refine_choice_is_checked():
     assert check_refine(None) == "auto" and check_refine("ON") == "on"
     with pytest.raises(ValueError, match="auto, on, off"):
         check_refine("maybe")
+    from E3PoseLogic.refine import refine_pose
+
+    with pytest.raises(ValueError, match="passes must be at least 1, not 0"):
+        refine_pose(None, np.zeros((4, 4, 4), np.float32), np.eye(4), np.zeros(3), np.eye(3), 100.0, passes=0)
 
 
 def test_train_refiner_writes_a_loadable_network_and_resumes(tmp_path):
