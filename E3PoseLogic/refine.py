@@ -45,7 +45,8 @@ HYPOTHESIS_TURNS = 4  # in-plane angles at which each plane hypothesis is read (
 READING_TURNS = 8  # and the chosen plane, twice. More angles voting (8 and 16) did not help on the tuning set:
 # 168 volumes, paired median change -0.03 deg, one reading turned front to back, 0.1 s more
 PASSES = 2  # the whole refinement again from its own result (measured on the tuning set: standard volumes 2.2 ->
-# 1.9 deg median, within 5 deg 85 -> 94 %; navigator-like 6.6 -> 6.1 deg, above 60 deg 13 -> 11 of 83)
+# 1.9 deg median, within 5 deg 85 -> 94 %; navigator-like 6.6 -> 6.1 deg, above 60 deg 13 -> 11 of 83). A third
+# pass: no gain (all 2.87 -> 2.94 deg; paired, better / worse by > 1 deg: standard 4 / 2, navigator-like 17 / 16)
 
 
 @dataclass
