@@ -181,7 +181,8 @@ def _tangents(n):
 
 
 def polish_plane(score, normal, offset=0.0, step_deg=8.0, step_mm=2.0, min_deg=0.25):
-    """Pattern search on (normal, offset): tilt by +-step about two tangents, shift by +-step; halve when stuck."""
+    """Pattern search on (normal, offset) of a ``MirrorScore``: tilt by +-step about two tangents, shift by +-step;
+    halve when stuck."""
     n = np.asarray(normal, dtype=np.float64)
     n = n / np.linalg.norm(n)
     d = float(offset)
@@ -192,9 +193,7 @@ def polish_plane(score, normal, offset=0.0, step_deg=8.0, step_mm=2.0, min_deg=0
         improved = False
         moves = [(np.cos(st) * n + np.sin(st) * t, d) for t in (u, -u, v, -v)] + [(n, d + sm), (n, d - sm)]
         # the moves are fixed before any is taken, so scoring them together changes nothing
-        values = score.scores([m[0] for m in moves], [m[1] for m in moves]) if hasattr(score, "scores") else \
-            [score(cn, cd) for cn, cd in moves]
-        for (cn, cd), s in zip(moves, values):
+        for (cn, cd), s in zip(moves, score.scores([m[0] for m in moves], [m[1] for m in moves])):
             if s > best + 1e-7:
                 best, n, d, improved = s, cn / np.linalg.norm(cn), cd, True
         if not improved:

@@ -24,8 +24,12 @@ def head():
     from E3PoseLogic.synth.dataset import make_case
 
     case = make_case(*HEAD)
-    brain_ml = float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000.0
-    return case, brain_ml
+    return case, _brain_ml(case)
+
+
+def _brain_ml(case):
+    """The true brain volume (ml) of a synthetic case, from its label map."""
+    return float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000.0
 
 
 def _x_error_deg(normal_world, truth):
@@ -108,6 +112,7 @@ def test_coarse_voxels_fit_the_plane_over_a_wider_ball():
     Ten navigator-like heads (seed 9302: no training, tuning or test set uses it), fitted from their true plane
     with the centre 3.5 mm off: measured 1.0 to 7.8 deg (median 3.2, mean 4.0) over 1.2 radii, against 1.1 to 9.9
     (median 4.6, mean 5.1) over the brain's ball."""
+    from E3PoseLogic import frames
     from E3PoseLogic.networks.sagittal import SagittalConfig
     from E3PoseLogic.refine import (COARSE_PRECISE_RADIUS, COARSE_VOXEL_MM, MirrorSearch, Plane, equivalent_radius,
                                     local_cube)
@@ -118,8 +123,8 @@ def test_coarse_voxels_fit_the_plane_over_a_wider_ball():
     ball, wide = [], []
     for i in range(10):
         case = make_case(9302, i, cfg)
-        assert np.prod(np.linalg.norm(case.affine[:3, :3], axis=0)) ** (1 / 3) >= COARSE_VOXEL_MM
-        brain_ml = float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000.0
+        assert np.prod(frames.voxel_sizes(case.affine)) ** (1 / 3) >= COARSE_VOXEL_MM
+        brain_ml = _brain_ml(case)
         radius = equivalent_radius(brain_ml)
         start = case.rotation_ras @ rotation("z", 10.0) @ rotation("y", 8.0)
         centre = case.com_ras + 2.0
@@ -152,7 +157,7 @@ def heads():
     out = []
     for i in range(6):
         case = make_case(HEAD[0], i)
-        out.append((case, float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000.0))
+        out.append((case, _brain_ml(case)))
     return out
 
 
