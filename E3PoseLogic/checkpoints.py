@@ -141,6 +141,21 @@ def load_refiner(path):
     return model.eval(), info
 
 
+def load_residual(path):
+    """-> (ResidualNet in eval mode, info dict). Native format only: the published method has no such network."""
+    from .networks.residual import ResidualConfig, ResidualNet
+
+    obj = _torch_load(path, allow_pickle=False)
+    fmt = detect_format(obj)
+    if fmt != "native" or obj.get("kind") != "residual":
+        raise CheckpointError(path, f"not a residual-network checkpoint (found: {_describe(obj, fmt)})")
+    model = ResidualNet(ResidualConfig.from_dict(obj["config"]))
+    _load_strict(model, obj["state_dict"], path)
+    info = {"format": "native", **obj.get("provenance", {})}
+    info.update(path=str(path), sha256=sha256(path), config=model.config.to_dict())
+    return model.eval(), info
+
+
 def _load_network(path, kind, allow_pickle):
     from .networks.config import E3CNNConfig, UNetConfig
     from .networks.e3cnn import E3CNN

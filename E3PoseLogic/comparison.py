@@ -76,7 +76,8 @@ class E3PoseMethod:
         """What the measurement depends on: the networks' files, the refinement choice and the pose code."""
         p = self.pipeline
         nets = [p.unet_info.get("sha256"), p.e3cnn_info.get("sha256"),
-                p.refiner_info.get("sha256") if self.refine and p.refiner is not None else None]
+                p.refiner_info.get("sha256") if self.refine and p.refiner is not None else None,
+                p.residual_info.get("sha256") if self.refine and p.residual is not None else None]
         return f"pipeline refine={self.refine} code={code_digest()} " + " ".join(str(n) for n in nets)
 
     def predict(self, array, affine):

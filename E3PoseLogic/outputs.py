@@ -61,6 +61,7 @@ def result_record(result, input_path=None):
         "network_rotation_voxel": result.network_rotation_voxel,
         "mask_source": prov.get("mask_source"),
         "model": {"unet": prov.get("unet"), "e3cnn": prov.get("e3cnn"), "refiner": prov.get("refiner"),
+                  "residual": prov.get("residual"),
                   "trained": prov.get("trained")},
         "device": prov.get("device"),
         "e3pose_version": prov.get("e3pose_version"),

@@ -19,7 +19,8 @@ from .errors import E3PoseError
 from .preprocess import field_of_view, map_unet_mask_to_input, resample_to_grid, unet_input
 from .result import PoseResult
 from .refine import check_refine, refine_pose
-from .rotation import axes_to_rotation, voxel_rotation, world_rotation
+from .residual import correct_pose
+from .rotation import axes_to_rotation, geodesic_deg, voxel_rotation, world_rotation
 from .segmentation import DEFAULT_THRESHOLDS, brain_and_eyes, check_mask, softmax
 
 # other U-Net grids tried, as multiples of the model's spacing, when the first finds no brain: finer first (small
@@ -65,7 +66,7 @@ class Pipeline:
     """Holds the two loaded networks; ``run`` estimates one pose. Reuse one Pipeline for a batch."""
 
     def __init__(self, unet, e3cnn, unet_info=None, e3cnn_info=None, device="auto",
-                 thresholds=DEFAULT_THRESHOLDS, refiner=None, refiner_info=None):
+                 thresholds=DEFAULT_THRESHOLDS, refiner=None, refiner_info=None, residual=None, residual_info=None):
         import torch
 
         self.device = resolve_device(device)
@@ -80,18 +81,24 @@ class Pipeline:
         # the refinement network runs on the CPU: it is a few milliseconds, and the plane search is numpy anyway
         self.refiner = refiner.eval() if refiner is not None else None
         self.refiner_info = dict(refiner_info or {})
+        # the residual network: the refinement's last step (``residual``), CPU too (two 32^3 readings)
+        self.residual = residual.eval() if residual is not None else None
+        self.residual_info = dict(residual_info or {})
 
     @classmethod
-    def from_files(cls, unet_path=None, e3cnn_path=None, device="auto", allow_pickle=False, refiner_path=None):
+    def from_files(cls, unet_path=None, e3cnn_path=None, device="auto", allow_pickle=False, refiner_path=None,
+                   residual_path=None):
         """Load the networks; ``None`` means the bundled default model (see ``models``).
 
         The refinement network comes from ``refiner_path``, else from the bundled model when its E3-CNN is used;
-        published checkpoints have none (then ``run`` skips the refinement and says so).
+        published checkpoints have none (then ``run`` skips the refinement and says so). The residual network
+        (the refinement's last step) likewise from ``residual_path`` or the bundled model; without one the
+        refinement ends with the 2D network's reading.
         """
         from . import models
-        from .checkpoints import load_e3cnn, load_refiner, load_unet
+        from .checkpoints import load_e3cnn, load_refiner, load_residual, load_unet
 
-        refiner, refiner_info = None, None
+        refiner, refiner_info, residual, residual_info = None, None, None, None
         if unet_path is None or e3cnn_path is None:
             default = models.default_model()
             if default.random_weights:
@@ -104,6 +111,9 @@ class Pipeline:
                 if e3cnn_path is None and default.refiner is not None:
                     refiner, refiner_info = load_refiner(default.refiner)
                     refiner_info.update(model=default.label, warning=default.warning)
+                if e3cnn_path is None and default.residual is not None:
+                    residual, residual_info = load_residual(default.residual)
+                    residual_info.update(model=default.label, warning=default.warning)
             if unet_path is not None:
                 unet, unet_info = load_unet(unet_path, allow_pickle)
             if e3cnn_path is not None:
@@ -113,7 +123,10 @@ class Pipeline:
             e3cnn, e3cnn_info = load_e3cnn(e3cnn_path, allow_pickle)
         if refiner_path is not None:
             refiner, refiner_info = load_refiner(refiner_path)
-        return cls(unet, e3cnn, unet_info, e3cnn_info, device, refiner=refiner, refiner_info=refiner_info)
+        if residual_path is not None:
+            residual, residual_info = load_residual(residual_path)
+        return cls(unet, e3cnn, unet_info, e3cnn_info, device, refiner=refiner, refiner_info=refiner_info,
+                   residual=residual, residual_info=residual_info)
 
     @property
     def warnings(self):
@@ -242,9 +255,17 @@ class Pipeline:
             with clock("refine"):
                 ref = refine_pose(self.refiner, array, affine, translation, rotation, volume_ml,
                                   move_centre=mask is None)
-                rotation, translation = ref.rotation, ref.translation
-                rot_voxel = voxel_rotation(rotation, frames.direction_cosines(affine))
                 refinement = dict(applied=True, **ref.info)
+                rotation, translation = ref.rotation, ref.translation
+                if self.residual is not None:
+                    rotation, translation, refinement["residual"] = correct_pose(
+                        self.residual, array, affine, translation, rotation, volume_ml, move_centre=mask is None,
+                        others=[network["rotation"]], plane_cfg=self.refiner.config)
+                    refinement.update(angle_moved_deg=geodesic_deg(network["rotation"], rotation),
+                                      centre_moved_mm=float(np.linalg.norm(translation - network["translation"])))
+                else:
+                    refinement["residual"] = None
+                rot_voxel = voxel_rotation(rotation, frames.direction_cosines(affine))
         else:
             refinement = {"applied": False, "reason": "turned off (refine off)" if refine == "off" else
                           "this model has no refinement network (published checkpoints have none)"}
@@ -276,6 +297,7 @@ class Pipeline:
             provenance={"e3pose_version": __version__, "device": str(self.device), "mask_source": mask_source,
                         "unet": dict(self.unet_info), "e3cnn": dict(self.e3cnn_info),
                         "refiner": dict(self.refiner_info) if self.refiner is not None else None,
+                        "residual": dict(self.residual_info) if self.residual is not None else None,
                         "trained": self.is_trained},
         )
 

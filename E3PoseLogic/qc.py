@@ -217,6 +217,9 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
     if ref.get("applied"):  # the axes drawn are the refined pose: say so, and how far it moved from the E3-CNN's
         extra += f"; refined axes (moved {ref.get('angle_moved_deg', float('nan')):.0f} deg from the E3-CNN, " \
                  f"{ref.get('hypothesis', '?')} plane)"
+        choice = (ref.get("residual") or {}).get("frame_choice") or {}
+        if choice.get("doubtful"):  # the residual network's pose logit is low: most failures are (README)
+            extra += f"; DOUBTFUL, check (pose logit {choice.get('pose_logit', float('nan')):.1f})"
     elif ref:
         extra += "; E3-CNN axes (not refined)"
     head = (title or "E3Pose QC") + (f"   [{extra}]" if extra else "")

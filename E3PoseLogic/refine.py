@@ -433,8 +433,7 @@ def _refine_once(net, array, ijk_to_ras, centre, rotation, brain_ml, move_centre
     # compares a wider ball than the plane ranking does: the skull and fluid add what the brain's few voxels lack
     # (tuning set, navigator-like: fitted from the true plane, drift 4.4 -> 3.2 deg median; refined median 7.5 ->
     # 6.6 deg). On finer grids the wider ball costs precision; used for the ranking too, it chose more wrong planes
-    coarse = float(np.prod(frames.voxel_sizes(ijk_to_ras))) ** (1.0 / 3.0) >= COARSE_VOXEL_MM
-    search = MirrorSearch(cube, sp, radius, COARSE_PRECISE_RADIUS if coarse else FINE_RADIUS)
+    search = MirrorSearch(cube, sp, radius, COARSE_PRECISE_RADIUS if is_coarse(ijk_to_ras) else FINE_RADIUS)
     # cube axes = the network's axes, so its e_x is (1, 0, 0) in cube coordinates. The E3-CNN's plane always
     # competes: in the mirror score alone a head is nearly as symmetric front-to-back as left-to-right (measured on
     # phantoms: the coronal plane sometimes scores higher than the mid-sagittal one)
@@ -477,6 +476,31 @@ def _refine_once(net, array, ijk_to_ras, centre, rotation, brain_ml, move_centre
                         "angle_from_network_deg": float(geodesic_deg(np.eye(3), h["r_cube"]))} for h in hyps],
     }
     return Refinement(rotation=rot, translation=translation, info=info, candidates=[rot0 @ h["r_cube"] for h in hyps])
+
+
+def is_coarse(ijk_to_ras) -> bool:
+    """Navigator-like resolution: voxels of ``COARSE_VOXEL_MM`` or more (geometric mean)."""
+    return float(np.prod(frames.voxel_sizes(ijk_to_ras))) ** (1.0 / 3.0) >= COARSE_VOXEL_MM
+
+
+def snap_to_mirror_plane(array, ijk_to_ras, centre, rotation, brain_ml, cfg):
+    """-> (rotation, degrees turned): ``rotation`` turned the least that puts its e_x on the normal of the mirror
+    plane fitted from it (precise fit, ``MirrorSearch.polish``); the in-plane angle is kept. ``cfg``: the cube
+    geometry (the refinement network's ``SagittalConfig``)."""
+    radius = equivalent_radius(brain_ml)
+    rot = np.asarray(rotation, dtype=np.float64)
+    cube, sp = local_cube(array, ijk_to_ras, centre, rot, radius, cfg)
+    search = MirrorSearch(cube, sp, radius, COARSE_PRECISE_RADIUS if is_coarse(ijk_to_ras) else FINE_RADIUS)
+    plane = search.polish(Plane(np.array([1.0, 0.0, 0.0]), 0.0, 0.0), precise=True)
+    n = plane.normal * np.sign(plane.normal[0])
+    axis = np.cross([1.0, 0.0, 0.0], n)
+    sin = float(np.linalg.norm(axis))
+    if sin < 1e-12:
+        return rot, 0.0
+    from scipy.spatial.transform import Rotation
+
+    turn = Rotation.from_rotvec(axis / sin * np.arctan2(sin, float(n[0]))).as_matrix()  # takes (1, 0, 0) to n
+    return rot @ turn, float(np.degrees(np.arctan2(sin, float(n[0]))))
 
 
 def hypothesis_score(mirror_score, consistency, from_network, plane_logit=None):

@@ -20,6 +20,7 @@ COMMANDS = (
     "compare",
     "train",
     "train_refiner",
+    "train_residual",
     "qc",
     "convert",
 )

@@ -46,13 +46,17 @@ def add_refine_arguments(p):
     p.add_argument("--refiner", metavar="R",
                    help="refinement network weights (native .pt from e3pose train-refiner); default: the bundled "
                         "model's, when the bundled E3-CNN is used")
+    p.add_argument("--residual", metavar="N",
+                   help="residual network weights, the refinement's last step (native .pt from e3pose "
+                        "train-residual); default: the bundled model's, when the bundled E3-CNN is used")
 
 
 def load_pipeline(args):
     from ..pipeline import Pipeline
 
     pipe = Pipeline.from_files(args.unet, args.e3cnn, device=args.device, allow_pickle=args.allow_pickle,
-                               refiner_path=getattr(args, "refiner", None))
+                               refiner_path=getattr(args, "refiner", None),
+                               residual_path=getattr(args, "residual", None))
     if pipe.refine_mode(getattr(args, "refine", "auto")) == "auto" and pipe.refiner is None:  # "on": raises
         print("note: this model has no refinement network: the poses are the E3-CNN's alone (--refine auto)",
               file=sys.stderr)
@@ -106,7 +110,7 @@ def run(args):
         remove_empty_folders(created)
         print(f"e3pose infer: {exc}", file=sys.stderr)
         return min(len(inputs) + len(failures), 125) or 1
-    done = 0
+    done, doubtful = 0, []
     bar = tqdm(inputs, unit="volume", disable=args.quiet, file=sys.stderr)
     for path in bar:
         name = volume_name(path)
@@ -124,6 +128,10 @@ def run(args):
                 result.provenance["mask_source"] = str(mpath)
             write_outputs(args.output, name, result, path, args.scanner_space, args.input_to_canonical)
             done += 1
+            choice = ((result.confidence.get("refinement") or {}).get("residual") or {}).get("frame_choice") or {}
+            if choice.get("doubtful"):  # most failures have a low pose logit (README, "Doubtful results")
+                doubtful.append(name)
+                tqdm.write(f"CHECK {path}: doubtful pose (pose logit {choice['pose_logit']:.1f})", file=sys.stderr)
         except E3PoseError as exc:
             failures.append((path, str(exc)))
             tqdm.write(f"FAILED {exc}", file=sys.stderr)
@@ -147,6 +155,8 @@ def run(args):
     if not done:
         remove_empty_folders(created)
     print(f"e3pose infer: {done} done, {len(failures)} failed; outputs in {args.output}", file=sys.stderr)
+    if doubtful:
+        print(f"  doubtful (check these first): {', '.join(doubtful)}", file=sys.stderr)
     for path, reason in failures:
         if not str(reason).startswith(str(path)):
             print(f"  failed: {path}: {reason}", file=sys.stderr)

@@ -2,9 +2,9 @@
 
     python make_model_card.py RUNS EVAL EVAL_GT PRED OUT_DIR --notes notes.json
 
-RUNS holds unet/ and e3cnn/ training folders (and refiner/, whose refiner.pt is copied when present); EVAL / EVAL_GT
-are ``e3pose evaluate`` outputs of the whole pipeline and of the E3-CNN with the true brain mask; PRED is the
-pipeline's prediction folder (for the timings). Held-out numbers are split by acquisition (frame-id prefix) as well
+RUNS holds unet/ and e3cnn/ training folders (and refiner/ and residual/, whose .pt files are copied when present);
+EVAL / EVAL_GT are ``e3pose evaluate`` outputs of the whole pipeline and of the E3-CNN with the true brain mask; PRED
+is the pipeline's prediction folder (for the timings). Held-out numbers are split by acquisition (frame-id prefix) as well
 as pooled. Each network's card entry is its checkpoint's provenance, plus the training command as run (from the run's
 train_config.json), the epochs run and scheduled (the provenance's ``epochs`` is the epoch the checkpoint was saved
 at, i.e. the best one), and the sha256 of its --init file. ``notes.json`` adds free-form fields (test set
@@ -108,6 +108,10 @@ def main():
         shutil.copy(a.runs / "refiner" / "refiner.pt", a.out / "refiner.pt")
         cards["refiner"] = brief_refiner(torch.load(a.out / "refiner.pt", map_location="cpu", weights_only=True))
         nets.append("refiner")
+    if (a.runs / "residual" / "residual.pt").is_file():
+        shutil.copy(a.runs / "residual" / "residual.pt", a.out / "residual.pt")
+        cards["residual"] = brief_refiner(torch.load(a.out / "residual.pt", map_location="cpu", weights_only=True))
+        nets.append("residual")
     shutil.copy(a.eval / "summary.json", a.out / "heldout_summary_full_pipeline.json")
     shutil.copy(a.eval_gt / "summary.json", a.out / "heldout_summary_gt_mask.json")
     card = {

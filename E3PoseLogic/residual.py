@@ -1,0 +1,120 @@
+"""The last step of the refinement: a 3D network reads the head in the refined frame and removes what is left.
+
+Why: the mirror plane fixes the pose to a fraction of a degree where the image is clearly symmetric about its
+mid-sagittal plane; at navigator-like resolution (6 mm voxels, low SNR) it is not, and the plane drifts by 5-30
+degrees. The residual network (``networks.residual``) sees the whole head (skull, face, eyes, posterior fossa) at
+once in the refined frame and predicts the small rotation and centre step left, trained on random contrasts,
+warps and left-right mirrored heads. It is read twice, the second time from the first's answer, each time on the
+cube and its mirror image (averaged: a mirrored head is still a head, so the two readings must agree).
+
+Before that, a network with the pose logit (the bundled one) says how much each of a few frames looks like the
+head's own: the refined frame, the E3-CNN's, and each turned half a turn about a canonical axis (the symmetric
+mistakes). The refined frame is kept unless another is clearly more plausible; its logit is reported, and a low one
+marks a result to check (``DOUBT_LOGIT``). On volumes finer than navigator-like ones the mirror plane has the last
+word on e_x (see ``correct_pose``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+RESIDUAL_STEPS = 2
+ROTVEC_UNIT = 0.1  # rad per network output unit (the targets are then about 1)
+CENTRE_UNIT = 0.1  # brain radii per network output unit
+
+
+def input_ball(cfg):
+    """The ball inscribed in the network's input cube (boolean [S, S, S])."""
+    from .refine import ball_mask
+
+    return ball_mask(cfg.size, 1.0, cfg.size / 2.0)
+
+
+def normalise_input(x, ball):
+    """The input as the network sees it: 0 outside the ball, 99th percentile inside it = 1."""
+    x = np.where(ball, x, 0.0)
+    q = float(np.percentile(x[ball], 99))
+    return (x / q if q > 0 else x).astype(np.float32)
+
+
+def residual_input(array, ijk_to_ras, centre, rotation, radius, cfg):
+    """The network's input [S, S, S]: the volume on a cube along ``rotation``'s axes around ``centre``, 0 outside
+    its inscribed ball, 99th percentile in the ball = 1."""
+    from .refine import local_cube
+
+    cube, _ = local_cube(array, ijk_to_ras, centre, rotation, radius, cfg)
+    return normalise_input(cube, input_ball(cfg))
+
+
+def read_residual(net, x):
+    """(rotation vector rad, centre step in radii, pose logit or None) of one input, in the input's frame, averaged
+    with the reading of its left-right mirror image (rotation vector (x, -y, -z), centre (-x, y, z) there)."""
+    import torch
+
+    xs = np.ascontiguousarray(np.stack([x, x[::-1]]))[:, None]
+    with torch.inference_mode():
+        o = net(torch.from_numpy(xs)).double().numpy()
+    rv = (o[0, :3] + o[1, :3] * np.array([1.0, -1.0, -1.0])) / 2.0 * ROTVEC_UNIT
+    c = (o[0, 3:6] + o[1, 3:6] * np.array([-1.0, 1.0, 1.0])) / 2.0 * CENTRE_UNIT
+    return rv, c, (float(o[:, 6].mean()) if o.shape[1] > 6 else None)
+
+
+HALF_TURNS = (np.diag([1.0, -1.0, -1.0]), np.diag([-1.0, 1.0, -1.0]), np.diag([-1.0, -1.0, 1.0]))
+SWITCH_MARGIN = 2.0  # pose-logit lead another frame needs to replace the refined one (see choose_frame)
+DOUBT_LOGIT = 4.0  # a chosen frame's pose logit below this: check the result (tuning set, 167 volumes: all 12 poses
+# off by more than 30 deg were below it, and 4 of the 155 others)
+
+
+def choose_frame(net, array, ijk_to_ras, centre, rotation, radius, others=()):
+    """-> (frame, info): the frame with the highest pose logit among ``rotation``, ``others`` (e.g. the E3-CNN's
+    pose) and each of them turned half a turn about a canonical axis (the symmetric mistakes); ``rotation`` is kept
+    unless another leads it by ``SWITCH_MARGIN``."""
+    frames_ = []
+    for base in [np.asarray(rotation, dtype=np.float64)] + [np.asarray(o, dtype=np.float64) for o in others]:
+        frames_ += [base] + [base @ h for h in HALF_TURNS]
+    logits = [read_residual(net, residual_input(array, ijk_to_ras, centre, f, radius, net.config))[2]
+              for f in frames_]
+    best = int(np.argmax(logits))
+    switch = best != 0 and logits[best] > logits[0] + SWITCH_MARGIN
+    info = {"pose_logit": float(logits[best] if switch else logits[0]),
+            "best_other_logit": float(max(logits[1:])) if len(logits) > 1 else None, "switched": bool(switch)}
+    info["doubtful"] = info["pose_logit"] < DOUBT_LOGIT
+    return (frames_[best] if switch else frames_[0]), info
+
+
+def correct_pose(net, array, ijk_to_ras, centre, rotation, brain_ml, steps=None, move_centre=True, others=(),
+                 plane_cfg=None):
+    """-> (rotation, translation, info): the pose after ``steps`` (default ``RESIDUAL_STEPS``) readings of the
+    residual network ``net`` (``ResidualNet``, eval). ``move_centre=False`` keeps the given centre. A network with
+    the pose logit first picks the frame to start from (``choose_frame``, with ``others``).
+
+    ``plane_cfg`` (the refinement network's cube geometry): on volumes finer than navigator-like ones, the head's
+    mirror plane has the last word on e_x (``refine.snap_to_mirror_plane``): symmetry is a property of every head,
+    where the network learned what it knows from phantoms (tuning set, standard volumes: 1.18 -> 1.11 deg median).
+    At navigator-like resolution the plane fit drifts (navigator-like: 3.6 -> 4.8 deg), so the network's e_x stays.
+    """
+    from scipy.spatial.transform import Rotation
+
+    from .refine import equivalent_radius, is_coarse, snap_to_mirror_plane
+    from .rotation import geodesic_deg
+
+    steps = RESIDUAL_STEPS if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, not {steps}")
+    radius = equivalent_radius(brain_ml)
+    rot0, centre0 = np.asarray(rotation, dtype=np.float64), np.asarray(centre, dtype=np.float64)
+    rot, cen, done, chosen = rot0, centre0, [], None
+    if getattr(net.config, "pose_logit", False):
+        rot, chosen = choose_frame(net, array, ijk_to_ras, cen, rot, radius, others)
+    for _ in range(steps):
+        rv, c, _ = read_residual(net, residual_input(array, ijk_to_ras, cen, rot, radius, net.config))
+        step = rot @ (c * radius) if move_centre else np.zeros(3)
+        # the input at frame point p is the head at canonical D p: the head's frame is rot D^T
+        rot = rot @ Rotation.from_rotvec(rv).as_matrix().T
+        cen = cen + step
+        done.append({"angle_deg": float(np.degrees(np.linalg.norm(rv))), "centre_mm": float(np.linalg.norm(step))})
+    snap = None
+    if plane_cfg is not None and not is_coarse(ijk_to_ras):
+        rot, snap = snap_to_mirror_plane(array, ijk_to_ras, cen, rot, brain_ml, plane_cfg)
+    info = {"frame_choice": chosen, "steps": done, "plane_snap_deg": snap,
+            "angle_moved_deg": float(geodesic_deg(rot0, rot)), "centre_moved_mm": float(np.linalg.norm(cen - centre0))}
+    return rot, cen, info

@@ -1,0 +1,223 @@
+"""Training of the residual network (``networks.residual``) from annotated volumes.
+
+Each training volume is resampled once into a cube aligned with its known canonical frame, wider and finer than the
+network's input (``TRAIN_CUBE``). Samples are then drawn on the fly: the input cube seen from a frame turned by a
+random residual rotation (mostly within 10 degrees, a share up to 45, the errors the plane fit makes), shifted and
+scaled by the errors of the brain centre and size, warped, mirrored left-right half of the time (a mirrored head is
+still a head), and given a random contrast (any tissue order, bias field, blur, noise): the aim is the anatomy of
+any head, not the look of one generator.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..residual import CENTRE_UNIT, ROTVEC_UNIT, input_ball, normalise_input
+
+
+@dataclass
+class _CubeGeometry:  # what refine.local_cube reads
+    cube_side: float = 4.4  # radii: the input ball (1.6 radii) turned, shifted and scaled stays inside
+    cube_voxels_per_radius: float = 16.0
+
+
+TRAIN_CUBE = _CubeGeometry()
+
+
+def prepare(images, labels, truth, rng, progress=None):
+    """[(cube, spacing, radius, centre error)]: see ``refiner_trainer.prepare_cubes``."""
+    from .refiner_trainer import prepare_cubes
+
+    return prepare_cubes(images, labels, truth, TRAIN_CUBE, rng, centre_sd_mm=2.0, progress=progress)
+
+
+def random_rotvec(rng, small_sd_deg=8.0, large_deg=45.0, large_fraction=0.4):
+    """A residual rotation vector (rad): |N(0, sd)| or, for a share, uniform up to ``large_deg``; uniform axis."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    if rng.random() < large_fraction:
+        angle = rng.uniform(0.0, large_deg)
+    else:
+        angle = abs(rng.normal(0.0, small_sd_deg))
+    return axis * np.radians(angle)
+
+
+def wrong_rotation(rng, min_deg=60.0):
+    """A frame far from the head's: half a turn about a canonical axis (within about 10 deg; the symmetric mistakes),
+    or any rotation of at least ``min_deg``."""
+    from scipy.spatial.transform import Rotation
+
+    if rng.random() < 0.5:
+        flip = Rotation.from_rotvec(np.pi * np.eye(3)[int(rng.integers(3))])
+        return (flip * Rotation.from_rotvec(np.radians(rng.normal(0.0, 6.0, 3)))).as_rotvec()
+    while True:
+        r = Rotation.random(random_state=int(rng.integers(2 ** 31)))
+        if r.magnitude() >= np.radians(min_deg):
+            return r.as_rotvec()
+
+
+def draw_sample(cube, sp, radius, err, cfg, rng, shift_sd_mm=2.0, scale_sd=0.1, warp_sd=0.03, wrong=False):
+    """One input cube [S, S, S] and its target [6] (rotation vector and centre step, network units).
+
+    The input at estimated-frame point p is the canonical cube at q = D p + s (D the residual, s a shift), so the
+    truth is R_true = R_est D^T and the brain centre is at D^T (-err - s) from the input's centre. ``wrong``: D is
+    far from identity (``wrong_rotation``), a negative for the pose logit (its other targets are not trained on).
+    """
+    from scipy import ndimage
+    from scipy.spatial.transform import Rotation
+
+    s_in = cfg.size
+    rotvec = wrong_rotation(rng) if wrong else random_rotvec(rng)
+    d = Rotation.from_rotvec(rotvec).as_matrix()
+    r_est = radius * float(np.exp(rng.normal(0.0, scale_sd)))
+    step = cfg.fov * r_est / s_in
+    t = (np.arange(s_in) - (s_in - 1) / 2.0) * step
+    p = np.stack(np.meshgrid(t, t, t, indexing="ij"), -1)
+    if warp_sd > 0:
+        coarse = rng.normal(0.0, warp_sd * radius, size=(3, 4, 4, 4))
+        p = p + np.stack([ndimage.zoom(c, s_in / 4.0, order=1) for c in coarse], -1)
+    shift = rng.normal(0.0, shift_sd_mm, 3)
+    q = p.reshape(-1, 3) @ d.T + shift
+    c = (cube.shape[0] - 1) / 2.0
+    x = ndimage.map_coordinates(cube, (q / sp + c).T, order=1, mode="constant", cval=0.0).reshape(s_in, s_in, s_in)
+    centre = d.T @ (-np.asarray(err) - shift) / r_est
+    if rng.random() < 0.5:  # mirrored left-right: D -> M D M (a pseudovector: rotvec -> (x, -y, -z)), centre -> M c
+        x = x[::-1]
+        rotvec = rotvec * np.array([1.0, -1.0, -1.0])
+        centre = centre * np.array([-1.0, 1.0, 1.0])
+    target = np.concatenate([rotvec / ROTVEC_UNIT, centre / CENTRE_UNIT]).astype(np.float32)
+    return np.ascontiguousarray(x, dtype=np.float32), target
+
+
+def random_contrast(x, rng, ball):
+    """Any tissue contrast (a random intensity curve, inverted, or the original), a power, a bias field, blur and
+    noise; the 99th percentile in the ball is 1, outside the ball 0."""
+    from scipy import ndimage
+
+    x = np.clip(x, 0.0, 1.5)
+    p = rng.random()
+    if p < 0.5:
+        knots = np.linspace(0.0, 1.5, 7)
+        x = np.interp(x, knots, rng.uniform(0.0, 1.0, size=7))
+    elif p < 0.65:
+        x = 1.5 - x
+    x = np.abs(x) ** float(np.exp(rng.normal(0.0, 0.3)))
+    s = x.shape[0]
+    bias = ndimage.zoom(rng.normal(0.0, 0.25, size=(3, 3, 3)), s / 3.0, order=1)[:s, :s, :s]
+    x = x * np.exp(bias)
+    if rng.random() < 0.4:
+        x = ndimage.gaussian_filter(x, rng.uniform(0.3, 1.5, size=3))
+    x = x + rng.normal(0.0, rng.uniform(0.0, 0.08), size=x.shape)
+    return normalise_input(x, ball)
+
+
+def init_from(net, path):
+    """Start from a trained residual network: every weight whose shape matches, and the first rows of an output
+    layer that gained the pose logit."""
+    import torch
+
+    from ..checkpoints import load_residual
+
+    src, dst = load_residual(path)[0].state_dict(), net.state_dict()
+    with torch.no_grad():
+        for k, v in dst.items():
+            w = src.get(k)
+            if w is None:
+                continue
+            if w.shape == v.shape:
+                v.copy_(w)
+            elif w.dim() >= 1 and w.shape[1:] == v.shape[1:] and w.shape[0] < v.shape[0]:
+                v[: w.shape[0]].copy_(w)
+    return net
+
+
+WRONG_FRACTION = 0.25  # of each batch, with the pose logit: frames far from the head's
+
+
+def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, log=print, provenance=None,
+          max_steps=None, init=None):
+    """Adam on the smooth-L1 error of the targets (+ the pose logit's cross-entropy, ``cfg.pose_logit``); checkpoint
+    (native 'residual') every two minutes; cosine-annealed learning rate over ``max_steps`` when given
+    (reproducible), else over the time budget. ``init``: a residual checkpoint to start from (``init_from``)."""
+    import torch
+
+    from ..checkpoints import save_native
+    from ..networks.residual import ResidualNet
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    ball = input_ball(cfg)
+    net = ResidualNet(cfg)
+    if init is not None:
+        init_from(net, init)
+    n_wrong = int(round(batch * WRONG_FRACTION)) if cfg.pose_logit else 0
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    step, elapsed0, history = 0, 0.0, []
+    if resume and Path(resume).is_file():
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed0 = int(state["step"]), float(state["elapsed_s"])
+        history = list(state.get("history", []))
+        rng = np.random.default_rng([seed, step])
+    t0 = time.perf_counter()
+    budget = minutes * 60.0
+    last_save = t0
+    net.train()
+    losses, errs = [], []
+
+    def save():
+        elapsed = elapsed0 + time.perf_counter() - t0
+        prov = dict(provenance or {}, steps=step, batch_size=batch, lr=lr, seed=seed, training_time_s=elapsed,
+                    n_volumes=len(cubes), history=history[-50:], init=str(init) if init else None,
+                    wrong_fraction=n_wrong / batch)
+        save_native(out_dir / "residual.pt", net.eval(), "residual", prov)
+        torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "elapsed_s": elapsed, "history": history}, out_dir / "last.pt")
+        (out_dir / "history.json").write_text(json.dumps(history))
+        net.train()
+
+    def progress():
+        if max_steps:
+            return step / max_steps
+        return (elapsed0 + time.perf_counter() - t0) / budget
+
+    while progress() < 1.0:
+        xs, ys = [], []
+        for i in range(batch):
+            x, y = draw_sample(*cubes[int(rng.integers(len(cubes)))], cfg, rng, wrong=i < n_wrong)
+            xs.append(random_contrast(x, rng, ball))
+            ys.append(y)
+        x, y = torch.from_numpy(np.stack(xs))[:, None], torch.from_numpy(np.stack(ys))
+        for g in opt.param_groups:
+            g["lr"] = float(lr * 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress()))))
+        out = net(x)
+        loss = torch.nn.functional.smooth_l1_loss(out[n_wrong:, :6], y[n_wrong:])
+        if cfg.pose_logit:
+            label = torch.cat([torch.zeros(n_wrong), torch.ones(batch - n_wrong)])
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out[:, 6], label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        # residual left, in degrees, if the prediction were applied (small-angle: the rotation vectors' difference)
+        errs.append(float(np.degrees(ROTVEC_UNIT * (out[n_wrong:, :3] - y[n_wrong:, :3]).detach().norm(dim=1)
+                                     .median())))
+        step += 1
+        if step % 100 == 0:
+            history.append({"step": step, "loss": float(np.mean(losses)), "median_residual_deg": float(np.mean(errs)),
+                            "elapsed_s": elapsed0 + time.perf_counter() - t0})
+            log(f"step {step} loss {np.mean(losses):.4f} residual {np.mean(errs):.1f} deg "
+                f"({history[-1]['elapsed_s'] / 60:.1f} min)")
+            losses, errs = [], []
+        if time.perf_counter() - last_save > 120:
+            save()
+            last_save = time.perf_counter()
+    save()
+    return out_dir / "residual.pt"
