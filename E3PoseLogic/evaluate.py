@@ -226,8 +226,9 @@ def _matrix(d: dict, key: str, path) -> Optional[np.ndarray]:
 
 
 def read_prediction(path) -> dict:
-    """``rotation_voxel`` (3x3), ``network_rotation_voxel`` (3x3 or None: the network's pose before refinement)
-    and ``translation_ras`` (3 or None) from an ``e3pose infer`` JSON."""
+    """``rotation_voxel`` (3x3), ``network_rotation_voxel`` (3x3 or None: the network's pose before refinement),
+    ``translation_ras`` (3 or None) and ``doubtful`` (True / False, None without a residual network's frame choice)
+    from an ``e3pose infer`` JSON."""
     d = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(d, dict) or "rotation_voxel" not in d:
         raise ValueError(f"{path}: no 'rotation_voxel' key (not an e3pose infer result?)")
@@ -236,8 +237,12 @@ def read_prediction(path) -> dict:
         t = np.asarray(t, dtype=np.float64)
         if t.shape != (3,) or not np.all(np.isfinite(t)):
             raise ValueError(f"{path}: 'translation_ras' is not a finite 3-vector")
+    ref = (d.get("confidence") or {}).get("refinement") if isinstance(d.get("confidence"), dict) else None
+    choice = ((ref or {}).get("residual") or {}).get("frame_choice") if isinstance(ref, dict) else None
+    doubtful = bool(choice["doubtful"]) if isinstance(choice, dict) and "doubtful" in choice else None
     return dict(rotation_voxel=_matrix(d, "rotation_voxel", path),
-                network_rotation_voxel=_matrix(d, "network_rotation_voxel", path), translation_ras=t)
+                network_rotation_voxel=_matrix(d, "network_rotation_voxel", path), translation_ras=t,
+                doubtful=doubtful)
 
 
 def evaluate_cases(predictions: Dict[str, Optional[dict]], truth: Dict[str, dict]) -> List[dict]:
@@ -249,7 +254,7 @@ def evaluate_cases(predictions: Dict[str, Optional[dict]], truth: Dict[str, dict
         row = dict(frame_id=fid, gt_rotation_deg=mag, bin=bin_label(int(bin_index([mag])[0])), fold=gt.get("fold"),
                    protocol=gt.get("protocol"), ga_weeks=gt.get("ga_weeks"), rotation_error_deg=math.nan,
                    err_ex_deg=math.nan, err_ey_deg=math.nan, err_ez_deg=math.nan, translation_error_mm=math.nan,
-                   network_rotation_error_deg=math.nan)
+                   network_rotation_error_deg=math.nan, doubtful=None)
         pred = predictions.get(fid)
         if pred is None:
             row["status"] = "missing"
@@ -260,10 +265,14 @@ def evaluate_cases(predictions: Dict[str, Optional[dict]], truth: Dict[str, dict
             if pred.get("network_rotation_voxel") is not None:
                 row["network_rotation_error_deg"] = float(geodesic_deg(pred["network_rotation_voxel"],
                                                                        gt["rotation_voxel"]))
+            row["doubtful"] = pred.get("doubtful")
             row.update(status="ok", rotation_error_deg=float(geodesic_deg(pred["rotation_voxel"], gt["rotation_voxel"])),
                        err_ex_deg=float(ax[0]), err_ey_deg=float(ax[1]), err_ez_deg=float(ax[2]))
         out.append(row)
     return out
+
+
+DOUBT_CHECK_DEG = 30.0  # the "doubtful" flag is scored on finding the poses off by more than this
 
 
 def subgroups(cases: List[dict]) -> Dict[str, List[dict]]:
@@ -306,8 +315,15 @@ def group_summary(cases: List[dict]) -> dict:
         refine = dict(n_compared=len(both), n_without_network_pose=len(ok) - len(both),
                       within_deg=REFINE_WITHIN_DEG, worse_by_deg=REFINE_WORSE_DEG,
                       n_network_within=len(near), n_worse=len(worse), worse=worse)
+    flagged = [c for c in ok if c.get("doubtful") is not None]
+    doubt = None
+    if flagged:  # how well the "doubtful" flag of the results finds the poses off by more than 30 deg
+        bad = [c for c in flagged if c["rotation_error_deg"] > DOUBT_CHECK_DEG]
+        doubt = dict(above_deg=DOUBT_CHECK_DEG, n_above=len(bad), n_above_flagged=sum(bool(c["doubtful"]) for c in bad),
+                     n_others=len(flagged) - len(bad),
+                     n_others_flagged=sum(bool(c["doubtful"]) for c in flagged) - sum(bool(c["doubtful"]) for c in bad))
     return dict(n_cases=len(cases), n_missing=n_missing, rotation_error_deg=rot, network_rotation_error_deg=net,
-                refinement=refine, translation_error_mm=trans)
+                refinement=refine, translation_error_mm=trans, doubtful=doubt)
 
 
 def summary(cases: List[dict]) -> dict:

@@ -208,7 +208,8 @@ def test_subgroups_and_network_pose(tmp_path, capsys):
     assert old["rotation_error_deg"]["median"] == pytest.approx(12.0, abs=1e-6)  # s2, s3, n2 (+ n3 missing)
     for grp in g.values():  # the same statistics as the overall summary
         assert set(grp) == {"n_cases", "n_missing", "rotation_error_deg", "network_rotation_error_deg",
-                            "refinement", "translation_error_mm"}
+                            "refinement", "translation_error_mm", "doubtful"}
+        assert grp["doubtful"] is None  # these results have no residual network's frame choice
         assert set(grp["rotation_error_deg"]) == set(r)
 
     rows = {x["frame_id"]: x for x in csv.DictReader(open(out / "per_case.csv"))}
@@ -377,3 +378,19 @@ def test_duplicate_identical_rows_warn_and_count_once(tmp_path, capsys):
     assert s["n_cases"] == 2 and len(s["warnings"]) == 1 and "'a'" in s["warnings"][0]
     with pytest.warns(UserWarning, match="counted once"):  # library callers (the trainers) get a Python warning
         assert len(ev.read_ground_truth(gt)) == 2
+
+
+def test_doubtful_flags_are_scored_against_the_failures():
+    """group_summary counts how many poses off by more than 30 deg the results flagged doubtful, and how many of
+    the others; results without the flag are left out, missing ones too."""
+    from E3PoseLogic.evaluate import group_summary
+
+    def case(err, doubtful, status="ok"):
+        return dict(status=status, rotation_error_deg=err, translation_error_mm=1.0, network_rotation_error_deg=err,
+                    frame_id=f"c{err}", doubtful=doubtful)
+
+    cases = [case(45.0, True), case(100.0, False), case(2.0, True), case(1.0, False), case(3.0, False),
+             case(50.0, None), case(float("nan"), None, status="missing")]
+    d = group_summary(cases)["doubtful"]
+    assert (d["n_above"], d["n_above_flagged"], d["n_others"], d["n_others_flagged"]) == (2, 1, 3, 1)
+    assert d["above_deg"] == 30.0

@@ -6,7 +6,7 @@ import argparse
 # The first ten columns keep their order (Resources/training/make_model_card.py reads them); new ones go last.
 PER_CASE_COLUMNS = ("frame_id", "status", "rotation_error_deg", "translation_error_mm", "err_ex_deg", "err_ey_deg",
                     "err_ez_deg", "gt_rotation_deg", "bin", "fold", "network_rotation_error_deg", "protocol",
-                    "ga_weeks")
+                    "ga_weeks", "doubtful")
 
 
 def register(subparsers) -> None:
@@ -112,6 +112,10 @@ def format_group(g: dict, indent: str = "") -> list:
                    f"{f['n_network_within']} cases with the network within {f['within_deg']:g} deg"
                    + (f" ({', '.join(f['worse'][:10])}{' ...' if len(f['worse']) > 10 else ''})" if f["worse"]
                       else ""))
+    dq = g.get("doubtful")
+    if dq:
+        out.append(f"{indent}flagged doubtful: {dq['n_above_flagged']} of {dq['n_above']} poses off by more than "
+                   f"{dq['above_deg']:g} deg, {dq['n_others_flagged']} of the {dq['n_others']} others")
     t = g.get("translation_error_mm")
     if t and t["n"]:
         out.append(f"{indent}translation error: median {t['median']:.2f} mm, 95th percentile {t['p95']:.2f} mm")
