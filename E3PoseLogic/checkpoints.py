@@ -130,26 +130,23 @@ def load_refiner(path):
     """-> (SagittalNet in eval mode, info dict). Native format only: the published method has no refinement."""
     from .networks.sagittal import SagittalConfig, SagittalNet
 
-    obj = _torch_load(path, allow_pickle=False)
-    fmt = detect_format(obj)
-    if fmt != "native" or obj.get("kind") != "refiner":
-        raise CheckpointError(path, f"not a refinement-network checkpoint (found: {_describe(obj, fmt)})")
-    model = SagittalNet(SagittalConfig.from_dict(obj["config"]))
-    _load_strict(model, obj["state_dict"], path)
-    info = {"format": "native", **obj.get("provenance", {})}
-    info.update(path=str(path), sha256=sha256(path), config=model.config.to_dict())
-    return model.eval(), info
+    return _load_native_only(path, "refiner", "a refinement-network", SagittalConfig, SagittalNet)
 
 
 def load_residual(path):
     """-> (ResidualNet in eval mode, info dict). Native format only: the published method has no such network."""
     from .networks.residual import ResidualConfig, ResidualNet
 
+    return _load_native_only(path, "residual", "a residual-network", ResidualConfig, ResidualNet)
+
+
+def _load_native_only(path, kind, what, config_cls, net_cls):
+    """A network that exists only in the native format: checked kind, strict weights, provenance as info."""
     obj = _torch_load(path, allow_pickle=False)
     fmt = detect_format(obj)
-    if fmt != "native" or obj.get("kind") != "residual":
-        raise CheckpointError(path, f"not a residual-network checkpoint (found: {_describe(obj, fmt)})")
-    model = ResidualNet(ResidualConfig.from_dict(obj["config"]))
+    if fmt != "native" or obj.get("kind") != kind:
+        raise CheckpointError(path, f"not {what} checkpoint (found: {_describe(obj, fmt)})")
+    model = net_cls(config_cls.from_dict(obj["config"]))
     _load_strict(model, obj["state_dict"], path)
     info = {"format": "native", **obj.get("provenance", {})}
     info.update(path=str(path), sha256=sha256(path), config=model.config.to_dict())

@@ -145,12 +145,17 @@ def random_contrast(slab, rng):
 def init_from(net, path):
     """Start from a trained refinement network: every weight whose shape matches, and the first rows of an output
     layer that gained the plane logit (its new row keeps its fresh initialisation)."""
-    import torch
-
     from ..checkpoints import load_refiner
 
-    old, _ = load_refiner(path)
-    src, dst = old.state_dict(), net.state_dict()
+    return copy_matching_weights(net, load_refiner(path)[0].state_dict())
+
+
+def copy_matching_weights(net, src):
+    """Copy into ``net`` every weight of the state dict ``src`` whose shape matches, and the first rows of an output
+    layer that has more rows in ``net`` (a new output keeps its fresh initialisation)."""
+    import torch
+
+    dst = net.state_dict()
     with torch.no_grad():
         for k, v in dst.items():
             if k not in src:

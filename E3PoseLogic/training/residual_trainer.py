@@ -118,21 +118,10 @@ def random_contrast(x, rng, ball):
 def init_from(net, path):
     """Start from a trained residual network: every weight whose shape matches, and the first rows of an output
     layer that gained the pose logit."""
-    import torch
-
     from ..checkpoints import load_residual
+    from .refiner_trainer import copy_matching_weights
 
-    src, dst = load_residual(path)[0].state_dict(), net.state_dict()
-    with torch.no_grad():
-        for k, v in dst.items():
-            w = src.get(k)
-            if w is None:
-                continue
-            if w.shape == v.shape:
-                v.copy_(w)
-            elif w.dim() >= 1 and w.shape[1:] == v.shape[1:] and w.shape[0] < v.shape[0]:
-                v[: w.shape[0]].copy_(w)
-    return net
+    return copy_matching_weights(net, load_residual(path)[0].state_dict())
 
 
 WRONG_FRACTION = 0.25  # of each batch, with the pose logit: frames far from the head's
