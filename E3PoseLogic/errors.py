@@ -18,6 +18,11 @@ class NoBrainFound(InputError):
     """The brain mask is empty or too small to trust (the pipeline may retry on a finer grid first)."""
 
 
+class MaskAtBorder(InputError):
+    """The brain mask reaches the edge of the field of view (the pipeline retries the other grids first: on a
+    small head the model's grid can leak into the surroundings where a finer one does not)."""
+
+
 class CheckpointError(E3PoseError):
     """A weights file that cannot be read or does not match the expected network."""
 

@@ -23,8 +23,8 @@ from .residual import correct_pose
 from .rotation import axes_to_rotation, geodesic_deg, voxel_rotation, world_rotation
 from .segmentation import DEFAULT_THRESHOLDS, brain_and_eyes, check_mask, softmax
 
-# other U-Net grids tried, as multiples of the model's spacing, when the first finds no brain: finer first (small
-# brains are the usual miss), then coarser
+# other U-Net grids tried, as multiples of the model's spacing, when the first grid's mask is refused (no brain, or
+# a mask at the edge of the field of view): finer first (small brains are the usual miss), then coarser
 FALLBACK_SPACING_FACTORS = (5.0 / 6.0, 4.0 / 6.0, 7.0 / 6.0, 8.0 / 6.0)
 
 STAGES = ("preprocess", "segmentation", "crop", "rotation", "refine", "output")
@@ -157,15 +157,17 @@ class Pipeline:
         return brain_and_eyes(softmax(logits, axis=0), self.thresholds)
 
     def segment_multiscale(self, array, affine, x, unet_affine, fov, source):
-        """Brain and eyes on the U-Net grid, retried on other grids when the first finds no brain.
+        """Brain and eyes on the U-Net grid, retried on other grids when the first grid's mask is refused.
 
         The U-Net learns a brain-size prior: a 20-week brain at 6 mm is too few voxels and comes out empty, yet
         the same U-Net finds it on a 5 or 4 mm grid (same field of view); a few heads need a coarser grid instead.
-        Only refusals are retried, so every mask the first grid accepts is unchanged. A mask from another grid is
-        carried back to the U-Net grid, where the crop and the centre of mass are computed as usual.
-        -> (brain, eyes, volume ml, spacing used); the first grid's error when no grid finds a brain.
+        A mask that reaches the edge of the field of view is retried too: on a small head the model's grid can run
+        into the surroundings where another grid keeps to the brain. Only refusals are retried, so every mask the
+        first grid accepts is unchanged. A mask from another grid is carried back to the U-Net grid, where the crop
+        and the centre of mass are computed as usual (and checked again).
+        -> (brain, eyes, volume ml, spacing used); the first grid's error when no grid gives an acceptable mask.
         """
-        from .errors import NoBrainFound
+        from .errors import MaskAtBorder, NoBrainFound
 
         first_error = None
         for factor in (1.0,) + FALLBACK_SPACING_FACTORS:
@@ -179,13 +181,17 @@ class Pipeline:
             brain, eyes = self.segment(grid_x)
             try:
                 volume_ml = check_mask(brain, source, _voxel_ml(grid), fov=grid_fov)
-            except NoBrainFound as err:
+            except (NoBrainFound, MaskAtBorder) as err:
                 first_error = first_error or err
                 continue
             if factor != 1.0:
                 brain = resample_to_grid(brain, grid, unet_affine, x.shape, order=0).astype(np.uint8)
                 eyes = resample_to_grid(eyes, grid, unet_affine, x.shape, order=0).astype(np.uint8)
-                volume_ml = check_mask(brain, source, _voxel_ml(unet_affine), fov=fov)
+                try:
+                    volume_ml = check_mask(brain, source, _voxel_ml(unet_affine), fov=fov)
+                except (NoBrainFound, MaskAtBorder) as err:
+                    first_error = first_error or err
+                    continue
             return brain, eyes, volume_ml, spacing
         raise first_error
 

@@ -47,7 +47,7 @@ def check_mask(mask, source, voxel_volume_mm3, fov=None, min_volume_ml=5.0):
 
     ``fov`` is a boolean array of where the image has data (the U-Net grid is zero-padded outside it).
     """
-    from .errors import InputError, NoBrainFound
+    from .errors import MaskAtBorder, NoBrainFound
 
     n = int(np.count_nonzero(mask))
     if n == 0:
@@ -63,6 +63,6 @@ def check_mask(mask, source, voxel_volume_mm3, fov=None, min_volume_ml=5.0):
     edge = shell | (inside & ~ndimage.binary_erosion(inside, border_value=0))
     touching = int(np.count_nonzero(mask.astype(bool) & edge))
     if touching:
-        raise InputError(source, f"the brain mask touches the border of the field of view ({touching} voxels): "
+        raise MaskAtBorder(source, f"the brain mask touches the border of the field of view ({touching} voxels): "
                                  "the head is cut off, so its centre and orientation would be wrong")
     return volume_ml

@@ -224,6 +224,31 @@ def test_pose_range_training_records_and_validates_in_range(synth_dir, tmp_path)
     assert math.isfinite(row["val_any_pose_median_rot_deg"]) and math.isfinite(row["val_median_rot_deg"])
     assert row["val_any_pose_loss"] != row["val_loss"]
 
+    # --no-intensity-augment keeps the pose range and drops the intensity chain (--no-augment would drop both)
+    out2 = tmp_path / "pr_rot_only"
+    assert main(["train-e3cnn", *pos, str(out2), *TINY, "--epochs", "1", "--steps-per-epoch", "1", "--batch-size",
+                 "1", "--threads", "1", "--quiet", "--device", "cpu", "--pose-range", "30",
+                 "--no-intensity-augment"]) == 0
+    prov2 = torch.load(out2 / "best.pt", map_location="cpu", weights_only=True)["provenance"]
+    assert prov2["augmentation"] == "rotations only (--no-intensity-augment)"
+    assert isinstance(prov["augmentation"], dict) and prov2["pose_range_deg"] == 30.0
+
+
+def test_rotation_only_draw_is_the_turned_crop():
+    """Without the intensity chain a pose-range draw is exactly the crop turned into the range."""
+    from E3PoseLogic.training import data
+
+    rng = np.random.default_rng(0)
+    x = rng.random((12, 12, 12)).astype(np.float32)
+    m = (x > 0.5).astype(np.uint8)
+    case = data.CropCase("c", x, m, 4.0, np.eye(3))
+    got, target = data.augment_crop(case, np.random.default_rng(7), 180.0, intensity=False, pose_range=30)
+    turned = data.pose_in_range(case, np.random.default_rng(7), 30)
+    np.testing.assert_array_equal(got, turned.x)
+    np.testing.assert_allclose(target, turned.r_vc)
+    with_chain, _ = data.augment_crop(case, np.random.default_rng(7), 180.0, intensity=True, pose_range=30)
+    assert not np.allclose(with_chain, got)
+
 
 # ------------------------------------------------------------------------------------------------- pose range
 def _blob_case(r_vc, n=24):

@@ -171,6 +171,15 @@ def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, worker
 
 
 # ------------------------------------------------------------------------------------------------- augmentation
+def augmentation_record(args, chain: dict):
+    """What a run's provenance says about its augmentation (--no-augment, --no-intensity-augment or the chain)."""
+    if args.no_augment:
+        return "none"
+    if getattr(args, "no_intensity_augment", False):
+        return "rotations only (--no-intensity-augment)"
+    return dict(chain)
+
+
 def rotation_limit(deg: float):
     """--rotation-deg -> augment.random_rotation's argument: >= 180 means uniform over SO(3), 0 none."""
     return None if deg >= 180 else float(deg)

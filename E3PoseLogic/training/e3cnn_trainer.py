@@ -123,10 +123,11 @@ class E3CNNTask:
     def train_dataset(self, n_items, rank, world):
         aug = not self.args.no_augment
         rot = self.args.rotation_deg if aug else 0.0
+        intensity = aug and not getattr(self.args, "no_intensity_augment", False)
         pose_range = self.pose_range
 
         def make(case, rng):
-            return data.augment_crop(case, rng, rot, intensity=aug, pose_range=pose_range)
+            return data.augment_crop(case, rng, rot, intensity=intensity, pose_range=pose_range)
 
         return data.DrawDataset(self.train_cache, n_items, make, self.args.seed, rank, world)
 
@@ -192,7 +193,7 @@ class E3CNNTask:
                                epochs_done, elapsed_s, device, best_epoch, best_row, extra={
                                    "arch": self.arch, "equivariant": self.arch != "standard",
                                    "loss": self.objective.description,
-                                   "augmentation": "none" if args.no_augment else dict(data.E3CNN_AUG),
+                                   "augmentation": data.augmentation_record(args, data.E3CNN_AUG),
                                    "pose_range_deg": None if self.pose_range is None else float(self.pose_range),
                                    "rotation_sampling": (
                                        "none" if args.no_augment else

@@ -32,9 +32,10 @@ class UNetTask:
     def train_dataset(self, n_items, rank, world):
         aug = not self.args.no_augment
         rot, spacing = (self.args.rotation_deg if aug else 0.0), self.cfg.spacing_mm
+        intensity = aug and not getattr(self.args, "no_intensity_augment", False)
 
         def make(item, rng):
-            return data.augment_unet(item[0], item[1], rng, rot, spacing, intensity=aug)
+            return data.augment_unet(item[0], item[1], rng, rot, spacing, intensity=intensity)
 
         return data.DrawDataset(self.train_cache, n_items, make, self.args.seed, rank, world)
 
@@ -100,7 +101,7 @@ class UNetTask:
         return base_provenance(args, self.kind, self.trained_on, len(self.train_cache), len(self.val_cache),
                                epochs_done, elapsed_s, device, best_epoch, best_row,
                                extra={"loss": "class-weighted cross-entropy (1, 8, 2) + 0.5 soft Dice",
-                                      "augmentation": "none" if args.no_augment else dict(data.UNET_AUG)})
+                                      "augmentation": data.augmentation_record(args, data.UNET_AUG)})
 
 
 def run(args) -> int:
