@@ -9,9 +9,6 @@ head, not the look of one generator.
 """
 from __future__ import annotations
 
-import json
-import time
-from pathlib import Path
 
 import numpy as np
 
@@ -182,77 +179,33 @@ def train(cubes, out_dir, cfg, minutes, seed=0, batch=32, lr=1e-3, resume=None, 
     """
     import torch
 
-    from ..checkpoints import save_native
     from ..networks.sagittal import SagittalNet
+    from . import step_loop
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     weights = torch.tensor([1.0, 1.0, 1.0, 1.0, 4.0, 4.0])  # centre in radii: 0.5 radius ~ 17 mm weighs like 1 unit
     net = SagittalNet(cfg)
     if init is not None:
         init_from(net, init)
     n_wrong = int(round(batch * wrong_plane_fraction)) if cfg.plane_logit else 0
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    step, elapsed0, history = 0, 0.0, []
-    if resume and Path(resume).is_file():
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed0 = int(state["step"]), float(state["elapsed_s"])
-        history = list(state.get("history", []))
-        rng = np.random.default_rng([seed, step])
-    t0 = time.perf_counter()
-    budget = minutes * 60.0
-    last_save = t0
-    net.train()
-    losses = []
 
-    def save():
-        elapsed = elapsed0 + time.perf_counter() - t0
-        prov = dict(provenance or {}, steps=step, batch_size=batch, lr=lr, seed=seed, training_time_s=elapsed,
-                    n_volumes=len(cubes), history=history[-50:], init=str(init) if init else None,
-                    wrong_plane_fraction=n_wrong / batch,
-                    scale_range=list(scale_range) if scale_range is not None else None)
-        save_native(out_dir / "refiner.pt", net.eval(), "refiner", prov)
-        torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "elapsed_s": elapsed, "history": history}, out_dir / "last.pt")
-        (out_dir / "history.json").write_text(json.dumps(history))
-        net.train()
+    def draw_one(cube, i, rng):
+        slab, target = draw_sample(*cube, cfg, rng, wrong_plane=i < n_wrong, scale_range=scale_range)
+        return random_contrast(slab, rng), target
 
-    def progress():
-        if max_steps:
-            return step / max_steps
-        return (elapsed0 + time.perf_counter() - t0) / budget
+    def draw_batch(rng):
+        x, y = step_loop.draw_stack(cubes, batch, rng, draw_one)
+        return torch.from_numpy(x), torch.from_numpy(y)
 
-    while progress() < 1.0:
-        xs, ys = [], []
-        for i in range(batch):
-            slab, target = draw_sample(*cubes[int(rng.integers(len(cubes)))], cfg, rng, wrong_plane=i < n_wrong,
-                                        scale_range=scale_range)
-            xs.append(random_contrast(slab, rng))
-            ys.append(target)
-        x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
-        for g in opt.param_groups:
-            g["lr"] = float(lr * 0.5 * (1.0 + np.cos(np.pi * min(1.0, progress()))))
-        out = net(x)
+    def loss_of(out, y):
         loss = ((out[n_wrong:, :6] - y[n_wrong:]) ** 2 * weights).sum(1).mean()
         if cfg.plane_logit:
             label = torch.cat([torch.zeros(n_wrong), torch.ones(batch - n_wrong)])
             loss = loss + PLANE_LOSS_WEIGHT * torch.nn.functional.binary_cross_entropy_with_logits(out[:, 6], label)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        step += 1
-        if step % 200 == 0:
-            history.append({"step": step, "loss": float(np.mean(losses)),
-                            "elapsed_s": elapsed0 + time.perf_counter() - t0})
-            log(f"step {step} loss {np.mean(losses):.4f} ({history[-1]['elapsed_s'] / 60:.1f} min)")
-            losses = []
-        if time.perf_counter() - last_save > 120:
-            save()
-            last_save = time.perf_counter()
-    save()
-    return out_dir / "refiner.pt"
+        return loss, {}
+
+    provenance = dict(provenance or {}, batch_size=batch, n_volumes=len(cubes), init=str(init) if init else None,
+                      wrong_plane_fraction=n_wrong / batch,
+                      scale_range=list(scale_range) if scale_range is not None else None)
+    return step_loop.train(net, "refiner", out_dir, draw_batch, loss_of, minutes=minutes, seed=seed, lr=lr,
+                           provenance=provenance, max_steps=max_steps, resume=resume, log=log, log_every=200)
