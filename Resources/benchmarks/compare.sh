@@ -44,17 +44,20 @@ e3pose train-e3cnn $DATA runs/std2 --arch standard ${GRID/--threads 1/--threads 
 # rotations without the intensity chain (--no-intensity-augment: the bundled E3-CNN, trained without augmentation,
 # learned; with the chain, which --pose-range used to switch on, the first runs of this experiment stayed at chance).
 # The E3-CNN gets the bundled E3-CNN's first two phases by steps (2,000 steps of 4 crops at a constant 5e-3, then
-# 6,500 single crops, cosine from 5e-3) and a third like the bundled one's (10,000 single crops, cosine from 3e-3, two
-# threads); the standard CNN 20,000 steps of 8 crops (Adam 1e-3, cosine). Fixed step counts, so any machine stops at
-# the same point (the README's run: 32 + 28 + 28 min and 25 min, the 2 cores shared part of the time)
+# 6,500 single crops, cosine from 5e-3), a third like the bundled one's (10,000 single crops, cosine from 3e-3, two
+# threads) and a fourth (5,000, cosine from 2e-3); the standard CNN 20,000 steps of 8 crops (Adam 1e-3, cosine). Fixed
+# step counts, so any machine stops at the same point (the README's run: 32 + 28 + 28 + 14 min and 25 min, the 2 cores
+# shared part of the time)
 GTO="$TO, poses within +-90 deg only"
 E3GEN="--arch e3cnn --pose-range 90 --no-intensity-augment $GRID --mult 1 --lmax 2 --optimizer sgd"
 ( e3pose train-e3cnn $DATA runs/gen_e3_a $E3GEN --lr 0.005 --lr-schedule constant --batch-size 4 \
       --steps-per-epoch 200 --epochs 10 --seed 5 --trained-on "$GTO"
   e3pose train-e3cnn $DATA runs/gen_e3_b $E3GEN --lr 0.005 --lr-schedule cosine --batch-size 1 --steps-per-epoch 500 \
       --epochs 13 --seed 5 --trained-on "$GTO" --init runs/gen_e3_a/last.pt
-  e3pose train-e3cnn $DATA runs/gen_e3 ${E3GEN/--threads 1/--threads 2} --lr 0.003 --lr-schedule cosine \
+  e3pose train-e3cnn $DATA runs/gen_e3_c ${E3GEN/--threads 1/--threads 2} --lr 0.003 --lr-schedule cosine \
       --batch-size 1 --steps-per-epoch 500 --epochs 20 --seed 6 --trained-on "$GTO" --init runs/gen_e3_b/last.pt
+  e3pose train-e3cnn $DATA runs/gen_e3 $E3GEN --lr 0.002 --lr-schedule cosine --batch-size 1 --steps-per-epoch 500 \
+      --epochs 10 --seed 7 --trained-on "$GTO" --init runs/gen_e3_c/last.pt
 ) &
 e3pose train-e3cnn $DATA runs/gen_std --arch standard --pose-range 90 --no-intensity-augment $GRID --optimizer adam \
     --lr 1e-3 --lr-schedule cosine --batch-size 8 --steps-per-epoch 500 --epochs 40 --seed 5 --trained-on "$GTO" &
