@@ -19,6 +19,11 @@ def rotation(axis, degrees):
     return r
 
 
+def true_brain_ml(case):
+    """The true brain volume (ml) of a synthetic case, from its label map."""
+    return float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000.0
+
+
 REPO_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "upstream"
 
 

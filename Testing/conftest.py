@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _support import rotation  # noqa: F401  (re-exported for the test modules)
+from _support import rotation, true_brain_ml  # noqa: F401  (rotation re-exported for the test modules)
 
 
 # canonical landmarks (mm): x = left-right (to the left), y = posterior -> anterior, z = superior -> inferior
@@ -58,6 +58,18 @@ def make_synthetic_head(shape=(48, 48, 40), spacing=(2.4, 2.4, 3.0), grid_rotati
     )
     return dict(array=vol, affine=g, pose=pose, brain=brain_m, eyes=eye_m, marker=marker.reshape(shape),
                 result=result)
+
+
+KNOWN_HEADS_SEED = 9301  # synth seed never used by a training, tuning or test set
+
+
+@pytest.fixture(scope="session")
+def heads():
+    """Six standard synthetic heads of known pose (seed 9301) with their true brain volumes (ml), read-only: the
+    refinement and residual tests share them."""
+    from E3PoseLogic.synth.dataset import make_case
+
+    return [(case, true_brain_ml(case)) for case in (make_case(KNOWN_HEADS_SEED, i) for i in range(6))]
 
 
 @pytest.fixture

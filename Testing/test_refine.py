@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from _support import rotation
+from _support import rotation, true_brain_ml
 
 pytest.importorskip("torch")
 
@@ -24,12 +24,7 @@ def head():
     from E3PoseLogic.synth.dataset import make_case
 
     case = make_case(*HEAD)
-    return case, _brain_ml(case)
-
-
-def _brain_ml(case):
-    """The true brain volume (ml) of a synthetic case, from its label map."""
-    return float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000.0
+    return case, true_brain_ml(case)
 
 
 def _x_error_deg(normal_world, truth):
@@ -124,7 +119,7 @@ def test_coarse_voxels_fit_the_plane_over_a_wider_ball():
     for i in range(10):
         case = make_case(9302, i, cfg)
         assert np.prod(frames.voxel_sizes(case.affine)) ** (1 / 3) >= COARSE_VOXEL_MM
-        brain_ml = _brain_ml(case)
+        brain_ml = true_brain_ml(case)
         radius = equivalent_radius(brain_ml)
         start = case.rotation_ras @ rotation("z", 10.0) @ rotation("y", 8.0)
         centre = case.com_ras + 2.0
@@ -147,18 +142,6 @@ def refiner():
     if spec.refiner is None:
         pytest.skip("the bundled model has no refinement network")
     return load_refiner(spec.refiner)[0]
-
-
-@pytest.fixture(scope="module")
-def heads():
-    """Six standard synthetic heads of known pose (seed 9301: no training, tuning or test set uses it)."""
-    from E3PoseLogic.synth.dataset import make_case
-
-    out = []
-    for i in range(6):
-        case = make_case(HEAD[0], i)
-        out.append((case, _brain_ml(case)))
-    return out
 
 
 def _refine_heads(heads, refiner, turn, centre_offset, volume_factor=1.0):

@@ -17,7 +17,6 @@ from _support import rotation
 
 pytest.importorskip("torch")
 
-HEADS = 9301  # synth seed never used by a training, tuning or test set (as in test_refine)
 
 
 def _blob_cube(n=70, sp=2.0, centre=(20.0, 5.0, -10.0)):
@@ -82,17 +81,6 @@ def residual_net():
     if spec.residual is None:
         pytest.skip("the bundled model has no residual network")
     return load_residual(spec.residual)[0]
-
-
-@pytest.fixture(scope="module")
-def heads():
-    from E3PoseLogic.synth.dataset import make_case
-
-    out = []
-    for i in range(6):
-        case = make_case(HEADS, i)
-        out.append((case, float((case.label == 1).sum()) * float(abs(np.linalg.det(case.affine[:3, :3]))) / 1000))
-    return out
 
 
 def test_residual_network_removes_a_15_degree_error(heads, residual_net):

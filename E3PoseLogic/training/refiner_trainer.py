@@ -116,19 +116,25 @@ def draw_sample(cube, sp, radius, err, cfg, rng, tilt_sd_deg=4.0, offset_sd_mm=1
     return slab, np.concatenate(target).astype(np.float32)
 
 
-def random_contrast(slab, rng):
-    """Any tissue contrast: a random monotone-or-not intensity curve (or the original, or inverted), then bias
-    field, blur and noise; rescaled so the 99th percentile is 1."""
-    from scipy import ndimage
-
-    x = np.clip(slab, 0.0, 1.5)
+def contrast_curve(x, rng):
+    """Any tissue contrast: a random monotone-or-not intensity curve (half the time), inverted (15 %) or the
+    original, then a random power; shared by the refinement and residual trainers."""
+    x = np.clip(x, 0.0, 1.5)
     p = rng.random()
     if p < 0.5:
         knots = np.linspace(0.0, 1.5, 7)
         x = np.interp(x, knots, rng.uniform(0.0, 1.0, size=7))
     elif p < 0.65:
         x = 1.5 - x
-    x = np.abs(x) ** float(np.exp(rng.normal(0.0, 0.3)))
+    return np.abs(x) ** float(np.exp(rng.normal(0.0, 0.3)))
+
+
+def random_contrast(slab, rng):
+    """Any tissue contrast (``contrast_curve``), then bias field, blur and noise; rescaled so the 99th percentile
+    is 1."""
+    from scipy import ndimage
+
+    x = contrast_curve(slab, rng)
     s = x.shape[-1]
     bias = ndimage.zoom(rng.normal(0.0, 0.25, size=(3, 3)), s / 3.0, order=1)[:s, :s]
     x = x * np.exp(bias)[None]

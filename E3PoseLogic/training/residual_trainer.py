@@ -95,14 +95,9 @@ def random_contrast(x, rng, ball):
     noise; the 99th percentile in the ball is 1, outside the ball 0."""
     from scipy import ndimage
 
-    x = np.clip(x, 0.0, 1.5)
-    p = rng.random()
-    if p < 0.5:
-        knots = np.linspace(0.0, 1.5, 7)
-        x = np.interp(x, knots, rng.uniform(0.0, 1.0, size=7))
-    elif p < 0.65:
-        x = 1.5 - x
-    x = np.abs(x) ** float(np.exp(rng.normal(0.0, 0.3)))
+    from .refiner_trainer import contrast_curve
+
+    x = contrast_curve(x, rng)
     s = x.shape[0]
     bias = ndimage.zoom(rng.normal(0.0, 0.25, size=(3, 3, 3)), s / 3.0, order=1)[:s, :s, :s]
     x = x * np.exp(bias)
