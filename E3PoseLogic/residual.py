@@ -65,20 +65,22 @@ DOUBT_LOGIT = 4.0  # a chosen frame's pose logit below this: check the result (t
 
 
 def choose_frame(net, array, ijk_to_ras, centre, rotation, radius, others=()):
-    """-> (frame, info): the frame with the highest pose logit among ``rotation``, ``others`` (e.g. the E3-CNN's
-    pose) and each of them turned half a turn about a canonical axis (the symmetric mistakes); ``rotation`` is kept
-    unless another leads it by ``SWITCH_MARGIN``."""
+    """-> (frame, info, reading): the frame with the highest pose logit among ``rotation``, ``others`` (e.g. the
+    E3-CNN's pose) and each of them turned half a turn about a canonical axis (the symmetric mistakes); ``rotation``
+    is kept unless another leads it by ``SWITCH_MARGIN``. ``reading`` is the chosen frame's ``read_residual``, the
+    first residual step's reading as well."""
     frames_ = []
     for base in [np.asarray(rotation, dtype=np.float64)] + [np.asarray(o, dtype=np.float64) for o in others]:
         frames_ += [base] + [base @ h for h in HALF_TURNS]
-    logits = [read_residual(net, residual_input(array, ijk_to_ras, centre, f, radius, net.config))[2]
-              for f in frames_]
+    readings = [read_residual(net, residual_input(array, ijk_to_ras, centre, f, radius, net.config)) for f in frames_]
+    logits = [r[2] for r in readings]
     best = int(np.argmax(logits))
     switch = best != 0 and logits[best] > logits[0] + SWITCH_MARGIN
-    info = {"pose_logit": float(logits[best] if switch else logits[0]),
+    k = best if switch else 0
+    info = {"pose_logit": float(logits[k]),
             "best_other_logit": float(max(logits[1:])) if len(logits) > 1 else None, "switched": bool(switch)}
     info["doubtful"] = info["pose_logit"] < DOUBT_LOGIT
-    return (frames_[best] if switch else frames_[0]), info
+    return frames_[k], info, readings[k]
 
 
 def correct_pose(net, array, ijk_to_ras, centre, rotation, brain_ml, steps=None, move_centre=True, others=(),
@@ -102,11 +104,13 @@ def correct_pose(net, array, ijk_to_ras, centre, rotation, brain_ml, steps=None,
         raise ValueError(f"steps must be at least 1, not {steps}")
     radius = equivalent_radius(brain_ml)
     rot0, centre0 = np.asarray(rotation, dtype=np.float64), np.asarray(centre, dtype=np.float64)
-    rot, cen, done, chosen = rot0, centre0, [], None
+    rot, cen, done, chosen, reading = rot0, centre0, [], None, None
     if getattr(net.config, "pose_logit", False):
-        rot, chosen = choose_frame(net, array, ijk_to_ras, cen, rot, radius, others)
+        rot, chosen, reading = choose_frame(net, array, ijk_to_ras, cen, rot, radius, others)
     for _ in range(steps):
-        rv, c, _ = read_residual(net, residual_input(array, ijk_to_ras, cen, rot, radius, net.config))
+        if reading is None:  # the first step reuses choose_frame's reading of the chosen frame (the same input)
+            reading = read_residual(net, residual_input(array, ijk_to_ras, cen, rot, radius, net.config))
+        (rv, c, _), reading = reading, None
         step = rot @ (c * radius) if move_centre else np.zeros(3)
         # the input at frame point p is the head at canonical D p: the head's frame is rot D^T
         rot = rot @ Rotation.from_rotvec(rv).as_matrix().T
