@@ -249,7 +249,7 @@ class Pipeline:
             com_unet = np.array(ndimage.center_of_mass(brain), dtype=np.float64)
             translation = frames.apply(unet_affine, com_unet)
             cfg = self.e3cnn.config
-            x_crop, box = crop_for_e3cnn(x, brain, cfg.crop_scale, cfg.crop_size)
+            x_crop, box = crop_for_e3cnn(x, brain, cfg.crop_scale, cfg.crop_size, cfg.crop_shape)
         step("rotation", 0.6)
         with clock("rotation"):
             axes = self.network_axes(x_crop)

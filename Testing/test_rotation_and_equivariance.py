@@ -143,3 +143,86 @@ def test_published_pooling_is_only_approximately_mirror_equivariant(volume):
     base, moved = outputs(m, volume), outputs(m, torch.flip(volume, (2,)))
     expected = np.stack([-g @ base[0], g @ base[1], g @ base[2]])
     assert np.abs(moved - expected).max() > 1e-4 * np.abs(base).max()
+
+
+# --------------------------------------------------------------------------------------------------- the crop
+def _signed_permutation(order, flips):
+    """(array operation, 3x3 matrix on index vectors about the centre) of a transpose followed by flips."""
+    def op(a):
+        b = np.transpose(np.asarray(a), order)
+        return np.ascontiguousarray(np.flip(b, [k for k in range(3) if flips[k] < 0]))
+    g = np.zeros((3, 3))
+    for k in range(3):
+        g[k, order[k]] = flips[k]
+    return op, g
+
+
+@pytest.fixture(scope="module")
+def head_on_grid():
+    """A blob 'head' on a 40^3 grid with an off-centre, elongated 'brain' mask whose bounding box has odd sides."""
+    x = blob_phantom((40, 40, 40), seed=4)
+    ii = np.stack(np.meshgrid(*[np.arange(40)] * 3, indexing="ij")).astype(float)
+    c = np.array([21.3, 18.6, 20.2])
+    r = np.array([7.2, 5.1, 6.3])
+    mask = (((ii - c[:, None, None, None]) / r[:, None, None, None]) ** 2).sum(0) <= 1.0
+    return x, mask.astype(np.uint8)
+
+
+@pytest.mark.parametrize("order,flips", [((0, 1, 2), (-1, 1, 1)), ((0, 1, 2), (1, -1, -1)), ((1, 0, 2), (1, 1, 1)),
+                                         ((2, 0, 1), (-1, 1, -1))])
+def test_cube_crop_turns_and_mirrors_with_the_head(head_on_grid, order, flips):
+    """The cube crop of a turned or mirrored head is the turned or mirrored crop: the network then sees exactly
+    the same head, so its equivariance reaches the pose. The published box crop follows axis permutations but not
+    mirrors: its rounding and odd sides put the content on other voxels."""
+    from E3PoseLogic.crop import crop_for_e3cnn
+
+    x, mask = head_on_grid
+    op, _ = _signed_permutation(order, flips)
+    crop, box = crop_for_e3cnn(x, mask, 0.6, 16, "cube")
+    assert crop.shape == (16, 16, 16) and box.shape == "cube"
+    np.testing.assert_allclose(crop_for_e3cnn(op(x), op(mask), 0.6, 16, "cube")[0], op(crop), atol=1e-5)
+    published = crop_for_e3cnn(x, mask, 0.6, 16)[0]
+    turned = crop_for_e3cnn(op(x), op(mask), 0.6, 16)[0]
+    if min(flips) > 0:
+        np.testing.assert_allclose(turned, op(published), atol=1e-5)
+    else:
+        assert turned.shape != op(published).shape or np.abs(turned - op(published)).max() > 0.05
+
+
+def test_cube_crop_is_centred_on_the_centre_of_mass(head_on_grid):
+    from scipy import ndimage
+
+    from E3PoseLogic.crop import crop_array, crop_for_e3cnn
+
+    x, mask = head_on_grid
+    _, box = crop_for_e3cnn(x, mask, 0.6, 16, "cube")
+    np.testing.assert_allclose(box.centre, ndimage.center_of_mass(mask), atol=1e-12)
+    m = crop_array(mask, box, order=0)
+    np.testing.assert_allclose(ndimage.center_of_mass(m), [7.5, 7.5, 7.5], atol=0.5)
+    # the brain's bounding box fills about crop_scale of the cube, as with the published crop
+    lo, hi = np.argwhere(m).min(0), np.argwhere(m).max(0)
+    assert np.mean(hi - lo + 1) / 16 == pytest.approx(0.6, abs=0.1)
+    assert box.to_dict()["shape"] == "cube" and len(box.to_dict()["centre_voxel"]) == 3
+
+
+@pytest.mark.parametrize("order,flips", [((0, 1, 2), (-1, 1, 1)), ((2, 1, 0), (1, -1, 1))])
+def test_network_on_the_cube_crop_follows_a_mirrored_or_turned_head(head_on_grid, order, flips):
+    """End to end from the U-Net grid: crop, E3-CNN, rotation. R' = g R diag(det g, 1, 1) to float round-off."""
+    from E3PoseLogic.crop import crop_for_e3cnn
+
+    x, mask = head_on_grid
+    op, g = _signed_permutation(order, flips)
+    model = small_e3cnn(seed=3, parity_exact=True, crop_size=16, crop_shape="cube")
+    r = axes_to_rotation(*outputs(model, torch.from_numpy(crop_for_e3cnn(x, mask, 0.6, 16, "cube")[0])[None, None]))[0]
+    r2 = axes_to_rotation(*outputs(model, torch.from_numpy(
+        crop_for_e3cnn(op(x), op(mask), 0.6, 16, "cube")[0])[None, None]))[0]
+    det = round(np.linalg.det(g))
+    assert geodesic_deg(r2, g @ r @ np.diag([det, 1, 1])) < 0.5
+
+
+def test_crop_shape_is_checked():
+    from E3PoseLogic.networks.config import E3CNNConfig
+
+    with pytest.raises(ValueError, match="crop shape must be one of box, cube"):
+        E3CNNConfig(crop_shape="sphere")
+    assert E3CNNConfig.from_dict({"crop_size": 16}).crop_shape == "box"  # older checkpoints: the published crop

@@ -143,6 +143,31 @@ def test_e3cnn_steps_lower_loss(synth_dir, tmp_path):
     assert np.isfinite(rows[0]["val_median_rot_deg"])
 
 
+def test_e3cnn_trains_on_the_cube_crop(synth_dir, tmp_path):
+    """--crop-shape cube: the training crops are the inference crops (crop_size^3 about the brain's centre of
+    mass, the brain mask on the same voxels) and the checkpoint tells the pipeline to crop that way."""
+    from scipy import ndimage
+
+    from E3PoseLogic.checkpoints import load_e3cnn
+    from E3PoseLogic.cli import main
+    from E3PoseLogic.training import data
+
+    ann = data.read_annotations(synth_dir / "poses.csv")
+    cases = data.list_cases(synth_dir / "images", synth_dir / "labels")
+    cache = data.cache_e3cnn(cases, ann, 12.0, 32, 0.6, 16, "cube")
+    assert len(cache) == len(cases)
+    published = data.cache_e3cnn(cases, ann, 12.0, 32, 0.6, 16)
+    for c, b in zip(cache, published):
+        assert c.x.shape == c.mask.shape == (16, 16, 16) and c.x.min() == 0.0 and c.x.max() == 1.0
+        np.testing.assert_allclose(ndimage.center_of_mass(c.mask), 7.5, atol=0.6)
+        assert c.spacing_mm == pytest.approx(b.spacing_mm, rel=0.15)  # the same side rule as the published crop
+    pos = [str(synth_dir / "images"), str(synth_dir / "labels")] * 2
+    assert main(["train-e3cnn", *pos, str(synth_dir / "poses.csv"), str(tmp_path / "e"), *E3_TINY, "--epochs", "1",
+                 "--steps-per-epoch", "2", "--batch-size", "2", "--threads", "1", "--quiet", "--crop-shape",
+                 "cube"]) == 0
+    assert load_e3cnn(tmp_path / "e" / "best.pt")[0].config.crop_shape == "cube"
+
+
 def test_cli_checkpoint_round_trip_and_resume(synth_dir, tmp_path):
     from E3PoseLogic.checkpoints import load_e3cnn, load_unet
     from E3PoseLogic.cli import main

@@ -696,3 +696,22 @@ def test_convert_command_gives_the_same_network(tmp_path, e3cnn):
         assert torch.equal(converted.state_dict()[k], v), k
     assert main(["convert", "unet", str(base / "e3cnn_random.pth"), str(tmp_path / "u.pt")]) == 1
     assert not (tmp_path / "u.pt").exists()
+
+
+def test_convert_sets_the_crop_shape_and_keeps_the_training_record(tmp_path, capsys):
+    from _support import small_e3cnn
+
+    from E3PoseLogic.checkpoints import load_e3cnn, save_native
+    from E3PoseLogic.cli import main
+
+    net = small_e3cnn(seed=5, crop_size=16)
+    save_native(tmp_path / "box.pt", net, "e3cnn", {"trained_on": "tiny phantoms", "epochs": 3})
+    assert main(["convert", "e3cnn", str(tmp_path / "box.pt"), str(tmp_path / "cube.pt"), "--crop-shape", "cube"]) == 0
+    converted, info = load_e3cnn(tmp_path / "cube.pt")
+    assert converted.config.crop_shape == "cube" and load_e3cnn(tmp_path / "box.pt")[0].config.crop_shape == "box"
+    assert info["epochs"] == 3 and info["trained_on"] == "tiny phantoms"
+    assert info["crop_shape_changed"] == {"from": "box", "to": "cube"}
+    for k, v in net.state_dict().items():
+        assert torch.equal(converted.state_dict()[k], v), k
+    assert main(["convert", "unet", str(tmp_path / "box.pt"), str(tmp_path / "u.pt"), "--crop-shape", "cube"]) == 2
+    assert "e3cnn checkpoints only" in capsys.readouterr().err and not (tmp_path / "u.pt").exists()

@@ -13,6 +13,10 @@ def register(sub):
     p.add_argument("output")
     p.add_argument("--trained-on", default=None, help="what the weights were trained on (kept in the file)")
     p.add_argument("--allow-pickle", action="store_true", help="allow a checkpoint that needs full unpickling")
+    p.add_argument("--crop-shape", choices=("box", "cube"), default=None,
+                   help="e3cnn: set how the pipeline crops the network's input (box: published; cube: about the "
+                        "brain's centre of mass); the weights are unchanged and a native source keeps its "
+                        "training provenance")
     p.set_defaults(func=run)
 
 
@@ -20,6 +24,9 @@ def run(args):
     from ..checkpoints import load_e3cnn, load_unet, save_native
     from ..errors import E3PoseError
 
+    if args.crop_shape is not None and args.kind != "e3cnn":
+        print("e3pose convert: --crop-shape applies to e3cnn checkpoints only", file=sys.stderr)
+        return 2
     try:
         model, info = (load_unet if args.kind == "unet" else load_e3cnn)(args.input, args.allow_pickle)
     except E3PoseError as exc:
@@ -27,7 +34,18 @@ def run(args):
         return 1
     provenance = {"converted_from": info["path"], "source_sha256": info["sha256"], "source_format": info["format"],
                   "trained_on": args.trained_on or info.get("trained_on")}
+    if args.crop_shape is not None:
+        if info["format"] == "native":  # the same network read another way: keep how it was trained
+            provenance = {**_native_provenance(args.input), **provenance}
+        provenance["crop_shape_changed"] = {"from": model.config.crop_shape, "to": args.crop_shape}
+        model.config.crop_shape = args.crop_shape
     kind = getattr(model, "checkpoint_kind", args.kind)  # "e3cnn" also loads the standard-CNN baseline
     save_native(args.output, model, kind, provenance)
     print(f"wrote {args.output} ({kind}, from {info['format']})")
     return 0
+
+
+def _native_provenance(path) -> dict:
+    import torch
+
+    return dict(torch.load(path, map_location="cpu", weights_only=True).get("provenance") or {})

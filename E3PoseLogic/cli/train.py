@@ -96,6 +96,9 @@ def register(subparsers) -> None:
                    help="standard CNN: normalisation (default instance, per sample as the E3-CNN)")
     g.add_argument("--crop-size", type=int, default=64,
                    help="largest side of the rotation network's input (default 64)")
+    g.add_argument("--crop-shape", choices=("box", "cube"), default="box",
+                   help="rotation network's input: box (published: the brain's bounding box, aspect kept; default) "
+                        "or cube (crop-size^3 about the brain's centre of mass: turns and mirrors with the head)")
     g.add_argument("--published-pooling", action="store_true",
                    help="E3-CNN: published pooling of 0o scalars (not mirror-exact); default: parity-exact pooling")
     g.add_argument("--loss", choices=("axes", "geodesic"), default=None,

@@ -41,6 +41,14 @@ class E3CNNConfig(_Serialisable):
     normalization: str = "instance"
     crop_size: int = 64  # largest side of the E3-CNN input
     crop_scale: float = 0.6  # brain bounding box fills this fraction of the crop
+    # "box": the published crop (brain bounding box, aspect kept); "cube": crop_size^3 about the brain's centre of
+    # mass, which turns and mirrors with the head (crop.py). Older checkpoints carry no key and read as "box".
+    crop_shape: str = "box"
     # Published pooling max-pools scalar channels by value, which is not mirror-equivariant for 0o scalars.
     # True pools them by absolute value (keeping the sign): exactly O(3)-equivariant. Only for new models.
     parity_exact_pool: bool = False
+
+    def __post_init__(self):
+        from ..crop import check_crop_shape
+
+        check_crop_shape(self.crop_shape)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..crop import check_crop_shape
 from .config import _Serialisable
 
 NORMS = ("instance", "batch")
@@ -37,8 +38,10 @@ class StandardCNNConfig(_Serialisable):
     pool_size: int = 3
     crop_size: int = 64  # largest side of the input (same meaning and default as E3CNNConfig)
     crop_scale: float = 0.6  # brain bounding box fills this fraction of the crop (same as E3CNNConfig)
+    crop_shape: str = "box"  # same meaning and default as E3CNNConfig
 
     def __post_init__(self):
+        check_crop_shape(self.crop_shape)
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, not {self.norm!r}")
         if self.n_downsample < 0 or self.width < 1 or self.n_conv < 1 or self.kernel_size < 1 or \

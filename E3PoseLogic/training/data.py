@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import augment
-from ..crop import crop_for_e3cnn, resize
+from ..crop import crop_array, crop_for_e3cnn
 from ..preprocess import resample_to_grid, unet_input
 from ..volume_io import NIFTI_SUFFIXES, load_volume, volume_name
 
@@ -106,7 +106,8 @@ class CropCase:
     r_vc: np.ndarray  # 3x3 target: rows = canonical axes in the array-axis frame
 
 
-def e3cnn_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: float, crop_size: int):
+def e3cnn_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: float, crop_size: int,
+               crop_shape: str = "box"):
     """The E3-CNN input built from the ground-truth brain mask with the inference crop (``crop_for_e3cnn``).
 
     The U-Net grid keeps the input's voxel axes (direction cosines), so R_vc written in the voxel-axis frame is
@@ -116,11 +117,9 @@ def e3cnn_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: 
     brain = (y == 1).astype(np.uint8)
     if not brain.any():
         raise ValueError("no brain (label 1) inside the U-Net field of view")
-    x, box = crop_for_e3cnn(x_unet, brain, crop_scale, crop_size)
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(box.start, box.stop))
-    m = resize(np.ascontiguousarray(brain[sl]), box.resized_shape, order=0).astype(np.uint8)
-    crop_spacing = spacing * float(max(np.asarray(box.stop) - np.asarray(box.start))) / float(max(box.resized_shape))
-    return CropCase(volume_name(img_path), x.astype(np.float32), m, crop_spacing, np.asarray(r_vc, np.float64))
+    x, box = crop_for_e3cnn(x_unet, brain, crop_scale, crop_size, crop_shape)
+    m = crop_array(brain, box, order=0).astype(np.uint8)
+    return CropCase(volume_name(img_path), x.astype(np.float32), m, spacing * box.step, np.asarray(r_vc, np.float64))
 
 
 def _run_jobs(fn, jobs, workers: int, desc: str, progress: bool = True):
@@ -155,13 +154,13 @@ def cache_unet(cases, spacing, size, workers=1, desc="preprocess", progress=True
     return _run_jobs(unet_case, [(p, q, spacing, size) for _, p, q in cases], workers, desc, progress)
 
 
-def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, workers=1, desc="preprocess",
-                progress=True):
+def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, crop_shape="box", workers=1,
+                desc="preprocess", progress=True):
     """In-memory list of CropCase; cases without an annotation row are skipped with a warning."""
     jobs, missing = [], []
     for fid, p, q in cases:
         if fid in annotations:
-            jobs.append((p, q, annotations[fid], spacing, size, crop_scale, crop_size))
+            jobs.append((p, q, annotations[fid], spacing, size, crop_scale, crop_size, crop_shape))
         else:
             missing.append(fid)
     if missing:

@@ -103,12 +103,13 @@ class E3CNNTask:
         if self.arch == "standard":
             self.cfg = StandardCNNConfig(n_downsample=args.n_downsample, width=getattr(args, "width", 6),
                                          n_conv=getattr(args, "n_conv", 2), norm=getattr(args, "norm", "instance"),
-                                         crop_size=args.crop_size)
+                                         crop_size=args.crop_size, crop_shape=crop_shape_of(args))
             self.model = StandardCNN(self.cfg)
             self.kind, self.title, self.find_unused = "standard_cnn", "standard CNN training", False
         else:
             self.cfg = E3CNNConfig(n_downsample=args.n_downsample, mult=args.mult, lmax=args.lmax,
-                                   crop_size=args.crop_size, parity_exact_pool=not args.published_pooling)
+                                   crop_size=args.crop_size, crop_shape=crop_shape_of(args),
+                                   parity_exact_pool=not args.published_pooling)
             self.model = E3CNN(self.cfg)
             # find_unused: the published zero-size bias never receives a gradient
             self.kind, self.title, self.find_unused = "e3cnn", "E3-CNN training", True
@@ -209,6 +210,10 @@ class E3CNNTask:
                                })
 
 
+def crop_shape_of(args) -> str:
+    return getattr(args, "crop_shape", "box")
+
+
 def run(args) -> int:
     from .common import start_run, train_and_report
 
@@ -217,9 +222,9 @@ def run(args) -> int:
     if dist.main:
         name = "standard CNN" if arch_of(args) == "standard" else "E3-CNN"
         print(f"{name}: {len(train_cases)} training, {len(val_cases)} validation cases; U-Net grid "
-              f"{args.unet_size}^3 at {args.unet_spacing} mm, crop {args.crop_size}; trained_on: {trained_on}",
+              f"{args.unet_size}^3 at {args.unet_spacing} mm, crop {args.crop_size} ({crop_shape_of(args)}); trained_on: {trained_on}",
               file=sys.stderr)
-    prep = (args.unet_spacing, args.unet_size, E3CNNConfig().crop_scale, args.crop_size)
+    prep = (args.unet_spacing, args.unet_size, E3CNNConfig().crop_scale, args.crop_size, crop_shape_of(args))
     # one progress bar in a torchrun job: rank 0's
     train_cache = data.cache_e3cnn(train_cases, ann, *prep, workers=args.prep_workers, desc="train data",
                                    progress=dist.main)
