@@ -66,8 +66,15 @@ wait
 bash "$(dirname "$0")/make_ants_env.sh" .venv-ants || echo "compare.sh: no ANTs environment: its rows are skipped"
 # FireANTs likewise (fireants 1.5.0 pins SimpleITK 2.2.1)
 bash "$(dirname "$0")/make_fireants_env.sh" .venv-fireants || echo "compare.sh: no FireANTs environment: its row is skipped"
+# both generalisation networks are read with the cube crop (crop.py: it turns and mirrors with the head, where the
+# published box moves by a voxel under a mirror); the weights are unchanged. Resources/benchmarks/equivariance_check.py
+# measures what each crop does to the network's consistency under turns.
+e3pose convert e3cnn runs/gen_e3/best.pt runs/gen_e3_cube.pt --crop-shape cube
+e3pose convert e3cnn runs/gen_std/best.pt runs/gen_std_cube.pt --crop-shape cube
 # every method on the same 100 held-out volumes (registration with 4 starts, ANTs' rotation search and FireANTs on 30
 # of them, registration with 24 starts on 12)
 e3pose compare cmp --n-test 100 --moments-volumes 30 --slow-volumes 12 --standard-cnn runs/std2/best.pt \
-    --generalisation runs/gen_e3/best.pt runs/gen_std/best.pt --ants-python .venv-ants/bin/python \
+    --generalisation runs/gen_e3_cube.pt runs/gen_std_cube.pt --ants-python .venv-ants/bin/python \
     --fireants-python .venv-fireants/bin/python
+# how equivariant the bundled E3-CNN is as each crop feeds it (the README's equivariance table)
+python "$(dirname "$0")/equivariance_check.py" cmp/data/test/images -o equivariance --n-volumes 100
