@@ -19,7 +19,7 @@ from .errors import E3PoseError
 from .preprocess import field_of_view, map_unet_mask_to_input, resample_to_grid, unet_input
 from .result import PoseResult
 from .refine import check_refine, refine_pose
-from .residual import correct_pose
+from .residual import correct_pose, mark_doubt
 from .rotation import axes_to_rotation, geodesic_deg, voxel_rotation, world_rotation
 from .segmentation import DEFAULT_THRESHOLDS, brain_and_eyes, check_mask, softmax
 
@@ -204,6 +204,20 @@ class Pipeline:
             out = self.e3cnn(t)[0].float().cpu().numpy().astype(np.float64)
         return out.reshape(3, 3)
 
+    def recentred_rotation(self, x, box, unet_affine, centre_ras, affine):
+        """The E3-CNN read again on its cube moved to ``centre_ras`` (the refined brain centre) -> world rotation.
+
+        Tuning set: 12 -> 11 deg median, 15 -> 7 % above 60 deg against the first reading (about the U-Net mask's
+        centre of mass), as good as about the true centre; used as a second opinion on the final pose."""
+        from dataclasses import replace
+
+        from .crop import crop_array
+        from .preprocess import minmax
+
+        centre = np.linalg.solve(unet_affine, np.r_[np.asarray(centre_ras, dtype=np.float64), 1.0])[:3]
+        crop = minmax(crop_array(x, replace(box, centre=centre))).astype(np.float32, copy=False)
+        return world_rotation(axes_to_rotation(*self.network_axes(crop))[0], frames.direction_cosines(affine))
+
     # ------------------------------------------------------------------------------------------------ run
     def run(self, array_ijk, ijk_to_ras, mask=None, source=None,
             progress: Optional[Callable[[str, float], None]] = None,
@@ -267,6 +281,10 @@ class Pipeline:
                     rotation, translation, refinement["residual"] = correct_pose(
                         self.residual, array, affine, translation, rotation, volume_ml, move_centre=mask is None,
                         others=[network["rotation"]], plane_cfg=self.refiner.config)
+                    choice = refinement["residual"].get("frame_choice")
+                    if choice is not None and box.shape == "cube":
+                        reread = self.recentred_rotation(x, box, unet_affine, translation, affine)
+                        mark_doubt(choice, geodesic_deg(reread, rotation))
                     refinement.update(angle_moved_deg=geodesic_deg(network["rotation"], rotation),
                                       centre_moved_mm=float(np.linalg.norm(translation - network["translation"])))
                 else:

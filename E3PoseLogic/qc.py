@@ -218,8 +218,11 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
         extra += f"; refined axes (moved {ref.get('angle_moved_deg', float('nan')):.0f} deg from the E3-CNN, " \
                  f"{ref.get('hypothesis', '?')} plane)"
         choice = (ref.get("residual") or {}).get("frame_choice") or {}
-        if choice.get("doubtful"):  # the residual network's pose logit is low: most failures are (README)
-            extra += f"; DOUBTFUL, check (pose logit {choice.get('pose_logit', float('nan')):.1f})"
+        if choice.get("doubtful"):  # a low pose logit, or the E3-CNN read again disagrees: most failures (README)
+            extra += f"; DOUBTFUL, check (pose logit {choice.get('pose_logit', float('nan')):.1f}"
+            if "e3cnn_disagreement" in choice.get("doubt_reasons", ()):
+                extra += f", E3-CNN {choice.get('e3cnn_disagreement_deg', float('nan')):.0f} deg away"
+            extra += ")"
     elif ref:
         extra += "; E3-CNN axes (not refined)"
     head = (title or "E3Pose QC") + (f"   [{extra}]" if extra else "")

@@ -33,7 +33,7 @@ def errors():
         pytest.skip("no trained model is bundled")
     pipe = Pipeline.from_files(model.unet, model.e3cnn, device="cpu", refiner_path=model.refiner,
                                residual_path=model.residual)
-    rot, trans, net = [], [], []
+    rot, trans, net, choices = [], [], [], []
     for seed, navigator in ((9101, False), (9102, True)):
         cfg = SynthConfig(acquisition=AcquisitionConfig(navigator=navigator))
         for i in range(N_PER_KIND):
@@ -43,22 +43,38 @@ def errors():
             rot.append(float(geodesic_deg(res.rotation, case.rotation_ras)))
             net.append(float(geodesic_deg(res.network_rotation, case.rotation_ras)))
             trans.append(float(np.linalg.norm(res.translation - case.com_ras)))
-    return np.array(rot), np.array(trans), np.array(net)
+            choices.append(res.confidence["refinement"]["residual"]["frame_choice"])
+    return np.array(rot), np.array(trans), np.array(net), choices
 
 
 def test_bundled_model_rotation_is_far_better_than_chance(errors):
-    _, _, net = errors
+    _, _, net, _ = errors
     assert np.median(net) < MEDIAN_ROTATION_BOUND_DEG, np.round(net, 1)
 
 
 def test_bundled_refinement_is_accurate(errors):
-    rot, _, net = errors
+    rot, _, net, _ = errors
     assert np.median(rot) < REFINED_MEDIAN_BOUND_DEG, (np.round(rot, 1), np.round(net, 1))
     assert np.median(rot) < np.median(net), (np.round(rot, 1), np.round(net, 1))
 
 
+def test_doubt_flag_follows_its_two_rules(errors):
+    """The bundled (cube-crop) model flags a pose when the residual network's pose logit is low or when the E3-CNN,
+    read again about the final centre, disagrees with the final pose; both numbers are in the output."""
+    from E3PoseLogic.residual import DOUBT_DISAGREEMENT_DEG, DOUBT_LOGIT
+
+    rot, _, _, choices = errors
+    for err, c in zip(rot, choices):
+        assert np.isfinite(c["e3cnn_disagreement_deg"]) and 0.0 <= c["e3cnn_disagreement_deg"] <= 180.0
+        expected = c["pose_logit"] < DOUBT_LOGIT or c["e3cnn_disagreement_deg"] > DOUBT_DISAGREEMENT_DEG
+        assert c["doubtful"] == expected and bool(c["doubt_reasons"]) == expected
+    # where the pose is right, the E3-CNN read again agrees with it (median over these heads: about 10 deg)
+    good = [c["e3cnn_disagreement_deg"] for err, c in zip(rot, choices) if err < 5.0]
+    assert np.median(good) < 30.0, np.round(good, 1)
+
+
 def test_bundled_model_finds_the_brain(errors):
-    _, trans, _ = errors
+    _, trans, _, _ = errors
     assert np.median(trans) < MEDIAN_TRANSLATION_BOUND_MM, np.round(trans, 1)
 
 

@@ -261,3 +261,19 @@ def test_infer_names_doubtful_poses(tmp_path):
     rec = json.loads((out / "sample_head.json").read_text())
     choice = rec["confidence"]["refinement"]["residual"]["frame_choice"]
     assert choice["doubtful"] and choice["pose_logit"] == pytest.approx(-10.0, abs=1e-4) and not choice["switched"]
+
+
+def test_doubt_rules():
+    """Doubtful when the pose logit is low, or when the re-read E3-CNN disagrees with the final pose by more than
+    DOUBT_DISAGREEMENT_DEG; the reasons are listed."""
+    from E3PoseLogic.residual import DOUBT_DISAGREEMENT_DEG, DOUBT_LOGIT, mark_doubt
+
+    hi, lo = DOUBT_LOGIT + 3.0, DOUBT_LOGIT - 1.0
+    c = mark_doubt({"pose_logit": hi})
+    assert not c["doubtful"] and c["doubt_reasons"] == [] and "e3cnn_disagreement_deg" not in c
+    c = mark_doubt({"pose_logit": hi}, DOUBT_DISAGREEMENT_DEG - 50.0)
+    assert not c["doubtful"] and c["e3cnn_disagreement_deg"] == pytest.approx(DOUBT_DISAGREEMENT_DEG - 50.0)
+    assert mark_doubt({"pose_logit": hi}, DOUBT_DISAGREEMENT_DEG + 1.0)["doubt_reasons"] == ["e3cnn_disagreement"]
+    assert mark_doubt({"pose_logit": lo})["doubt_reasons"] == ["pose_logit"]
+    both = mark_doubt({"pose_logit": lo}, 170.0)
+    assert both["doubtful"] and both["doubt_reasons"] == ["pose_logit", "e3cnn_disagreement"]

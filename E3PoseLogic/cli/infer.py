@@ -131,7 +131,10 @@ def run(args):
             choice = ((result.confidence.get("refinement") or {}).get("residual") or {}).get("frame_choice") or {}
             if choice.get("doubtful"):  # most failures have a low pose logit (README, "Doubtful results")
                 doubtful.append(name)
-                tqdm.write(f"CHECK {path}: doubtful pose (pose logit {choice['pose_logit']:.1f})", file=sys.stderr)
+                why = f"pose logit {choice['pose_logit']:.1f}"
+                if "e3cnn_disagreement" in choice.get("doubt_reasons", ()):
+                    why += f"; the E3-CNN read again is {choice['e3cnn_disagreement_deg']:.0f} deg away"
+                tqdm.write(f"CHECK {path}: doubtful pose ({why})", file=sys.stderr)
         except E3PoseError as exc:
             failures.append((path, str(exc)))
             tqdm.write(f"FAILED {exc}", file=sys.stderr)
