@@ -49,7 +49,10 @@ def test_benchmark_times_pipeline_run_startup_and_io(tmp_path, run_spy, capsys):
     assert sum(p[k]["median_s"] for k in stages) == pytest.approx(p["total"]["median_s"], rel=1e-9)
     assert p["wall"]["min_s"] >= p["total"]["min_s"]
     assert rep["networks"]["unet_forward"]["median_s"] <= p["segmentation"]["max_s"]
-    assert rep["networks"]["e3cnn_forward"]["median_s"] <= p["rotation"]["max_s"]
+    # the E3-CNN runs in the rotation stage and, with a cube-crop model, once more in the refinement (the doubt flag's
+    # second reading)
+    e3cnn_stages = p["rotation"]["max_s"] + (p["refine"]["max_s"] if "refine" in p else 0.0)
+    assert rep["networks"]["e3cnn_forward"]["median_s"] <= e3cnn_stages
     assert set(rep["rebuild_kernels"]) == {"rotation", "e3cnn_forward", "total"}
     assert set(rep["io"]) == {"read_nifti", "write_outputs"}
     assert rep["per_volume_s"] > p["wall"]["median_s"]
