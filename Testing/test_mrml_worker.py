@@ -190,12 +190,19 @@ def test_worker_cancel(tmp_path):
     ({"applied": True, "angle_moved_deg": float("nan")}, "refined"),
     ({"applied": True, "angle_moved_deg": "a lot"}, "refined"),
     ([1, 2], "refinement: [1, 2]"),
+    # a pose the residual network's frame choice flagged: the module's label says so
+    ({"applied": True, "angle_moved_deg": 170.0, "residual": {"frame_choice": {
+        "pose_logit": 6.2, "doubtful": True, "doubt_reasons": ["e3cnn_disagreement"], "e3cnn_disagreement_deg": 164.0}}},
+     "refined: moved 170°; DOUBTFUL, check it (pose logit 6.2, E3-CNN 164° away)"),
+    ({"applied": True, "angle_moved_deg": 3.0, "residual": {"frame_choice": {"pose_logit": 8.0, "doubtful": False}}},
+     "refined: moved 3°"),
 ])
 def test_refinement_summary_reads_the_confidence_defensively(info, expected):
     from E3PoseLogic.mrml.worker import refinement_summary
 
     text = refinement_summary({"refinement": info})
     assert text.startswith(expected), text
+    assert ("DOUBTFUL" in text) == ("DOUBTFUL" in expected)
     assert refinement_summary({}) == "" and refinement_summary(None) == ""
     assert refinement_summary({"refinement": None}) == ""
     json.dumps(text)  # a plain string
