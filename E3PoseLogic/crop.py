@@ -117,9 +117,14 @@ def crop_array(array, box, order=1):
     return resize(np.ascontiguousarray(array[sl], dtype=np.float32), box.resized_shape, order=order)
 
 
+def crop_input(volume, box):
+    """The E3-CNN input on ``box``: ``volume`` (U-Net grid) on the crop's voxels, float32 min-max to [0, 1]."""
+    return minmax(crop_array(volume, box)).astype(np.float32, copy=False)
+
+
 def crop_for_e3cnn(volume, mask, scale=0.6, size=64, shape="box"):
     """-> (E3-CNN input float32 in [0, 1], CropBox). ``volume`` and ``mask`` are on the U-Net grid; ``shape``: "box"
     (published) or "cube" (see the module docstring)."""
-    box = cube_box(volume, mask, scale, size) if check_crop_shape(shape) == "cube" else crop_box(volume, mask, scale,
-                                                                                                   size)
-    return minmax(crop_array(volume, box)).astype(np.float32, copy=False), box
+    make_box = cube_box if check_crop_shape(shape) == "cube" else crop_box
+    box = make_box(volume, mask, scale, size)
+    return crop_input(volume, box), box

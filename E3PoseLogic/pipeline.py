@@ -211,12 +211,11 @@ class Pipeline:
         centre of mass), as good as about the true centre; used as a second opinion on the final pose."""
         from dataclasses import replace
 
-        from .crop import crop_array
-        from .preprocess import minmax
+        from .crop import crop_input
 
-        centre = np.linalg.solve(unet_affine, np.r_[np.asarray(centre_ras, dtype=np.float64), 1.0])[:3]
-        crop = minmax(crop_array(x, replace(box, centre=centre))).astype(np.float32, copy=False)
-        return world_rotation(axes_to_rotation(*self.network_axes(crop))[0], frames.direction_cosines(affine))
+        centre = frames.apply(np.linalg.inv(unet_affine), centre_ras)
+        axes = self.network_axes(crop_input(x, replace(box, centre=centre)))
+        return world_rotation(axes_to_rotation(*axes)[0], frames.direction_cosines(affine))
 
     # ------------------------------------------------------------------------------------------------ run
     def run(self, array_ijk, ijk_to_ras, mask=None, source=None,

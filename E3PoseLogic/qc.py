@@ -219,10 +219,9 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
                  f"{ref.get('hypothesis', '?')} plane)"
         choice = (ref.get("residual") or {}).get("frame_choice") or {}
         if choice.get("doubtful"):  # a low pose logit, or the E3-CNN read again disagrees: most failures (README)
-            extra += f"; DOUBTFUL, check (pose logit {choice.get('pose_logit', float('nan')):.1f}"
-            if "e3cnn_disagreement" in choice.get("doubt_reasons", ()):
-                extra += f", E3-CNN {choice.get('e3cnn_disagreement_deg', float('nan')):.0f} deg away"
-            extra += ")"
+            from .residual import doubt_details
+
+            extra += f"; DOUBTFUL, check ({doubt_details(choice)})"
     elif ref:
         extra += "; E3-CNN axes (not refined)"
     head = (title or "E3Pose QC") + (f"   [{extra}]" if extra else "")

@@ -84,6 +84,26 @@ def mark_doubt(choice, disagreement_deg=None):
     return choice
 
 
+def doubt_details(choice, unit=" deg") -> str:
+    """Why a pose was flagged, for a message: e.g. "pose logit 1.2, E3-CNN 164 deg away" ('' when nothing to say).
+    Read defensively: ``choice`` may come from a JSON file."""
+    import math
+
+    def number(v):
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    if not isinstance(choice, dict):
+        return ""
+    why = []
+    logit = number(choice.get("pose_logit"))
+    if logit is not None:
+        why.append(f"pose logit {logit:.1f}")
+    away = number(choice.get("e3cnn_disagreement_deg"))
+    if away is not None and "e3cnn_disagreement" in (choice.get("doubt_reasons") or ()):
+        why.append(f"E3-CNN {away:.0f}{unit} away")
+    return ", ".join(why)
+
+
 def choose_frame(net, array, ijk_to_ras, centre, rotation, radius, others=()):
     """-> (frame, info, reading): the frame with the highest pose logit among ``rotation``, ``others`` (e.g. the
     E3-CNN's pose) and each of them turned half a turn about a canonical axis (the symmetric mistakes); ``rotation``

@@ -85,3 +85,25 @@ def axes_to_rotation_torch(p, a, b):
     m = torch.cat([m[..., :1] * sign[:, None, None], m[..., 1:]], dim=-1)
     u, _, vh = torch.linalg.svd(m)
     return u @ vh
+
+
+def grid_symmetry_matrix(order, flips):
+    """The 3x3 matrix on array-index vectors (about the centre) of ``apply_grid_symmetry(a, order, flips)``."""
+    g = np.zeros((3, 3))
+    for k in range(3):
+        g[k, order[k]] = flips[k]
+    return g
+
+
+def apply_grid_symmetry(a, order, flips):
+    """A symmetry of the voxel grid: the axes transposed by ``order``, then axis k reversed where ``flips[k] < 0``."""
+    b = np.transpose(np.asarray(a), order)
+    return np.ascontiguousarray(np.flip(b, [k for k in range(3) if flips[k] < 0]))
+
+
+def grid_symmetries():
+    """The grid's 48 symmetries (signed axis permutations): (order, flips, matrix) each; det -1 for the mirrors."""
+    import itertools
+
+    return [(order, flips, grid_symmetry_matrix(order, flips)) for order in itertools.permutations(range(3))
+            for flips in itertools.product((1, -1), repeat=3)]

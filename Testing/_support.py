@@ -94,3 +94,15 @@ def blob_phantom(shape=(40, 40, 40), seed=0):
     x = (x - x.min()) * env
     x[shape[0] // 2 + 5: shape[0] // 2 + 9, shape[1] // 2 - 3: shape[1] // 2, shape[2] // 2: shape[2] // 2 + 6] += 0.5
     return (x / x.max()).astype(np.float32)
+
+
+def load_script(name):
+    """A script of ``Resources/benchmarks`` (not a package module) loaded as a module, e.g. ``load_script(
+    "make_transfer_set")``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "Resources" / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,24 +1,17 @@
 """The crop-equivariance check of issue 10 (Resources/benchmarks/equivariance_check.py) on one head."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from _support import blob_phantom
+from _support import blob_phantom, load_script
 
 torch = pytest.importorskip("torch")
-SCRIPT = Path(__file__).resolve().parents[1] / "Resources" / "benchmarks" / "equivariance_check.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("equivariance_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("equivariance_check")
 
 
 @pytest.fixture(scope="module")

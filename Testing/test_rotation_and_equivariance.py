@@ -148,13 +148,9 @@ def test_published_pooling_is_only_approximately_mirror_equivariant(volume):
 # --------------------------------------------------------------------------------------------------- the crop
 def _signed_permutation(order, flips):
     """(array operation, 3x3 matrix on index vectors about the centre) of a transpose followed by flips."""
-    def op(a):
-        b = np.transpose(np.asarray(a), order)
-        return np.ascontiguousarray(np.flip(b, [k for k in range(3) if flips[k] < 0]))
-    g = np.zeros((3, 3))
-    for k in range(3):
-        g[k, order[k]] = flips[k]
-    return op, g
+    from E3PoseLogic.rotation import apply_grid_symmetry, grid_symmetry_matrix
+
+    return (lambda a: apply_grid_symmetry(a, order, flips)), grid_symmetry_matrix(order, flips)
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +222,14 @@ def test_crop_shape_is_checked():
     with pytest.raises(ValueError, match="crop shape must be one of box, cube"):
         E3CNNConfig(crop_shape="sphere")
     assert E3CNNConfig.from_dict({"crop_size": 16}).crop_shape == "box"  # older checkpoints: the published crop
+
+
+def test_grid_symmetries_are_the_48_signed_permutations():
+    from E3PoseLogic.rotation import apply_grid_symmetry, grid_symmetries
+
+    syms = grid_symmetries()
+    assert len({g.tobytes() for *_, g in syms}) == 48
+    assert sorted(round(np.linalg.det(g)) for *_, g in syms) == [-1] * 24 + [1] * 24
+    for order, flips, g in syms:
+        op = lambda t, o=order, f=flips: torch.from_numpy(apply_grid_symmetry(t[0, 0].numpy(), o, f))[None, None]
+        np.testing.assert_array_equal(index_rotation(op, 9), g)

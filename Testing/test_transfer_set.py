@@ -5,7 +5,6 @@ The wheel is not part of the repository, so CI skips these tests.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -13,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "Resources" / "benchmarks" / "make_transfer_set.py"
+from _support import load_script
+
 WHEEL_NAME = "nilearn-0.14.1-py3-none-any.whl"
 
 
@@ -36,10 +35,7 @@ ARGS = ["--n", "1", "--seed", "3", "--voxel", "3", "--max-dim", "72"]
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("make_transfer_set", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_transfer_set")
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,7 @@ def run(args):
 
     from ..errors import E3PoseError, InputError
     from ..outputs import name_clashes, prepare_output_folder, remove_empty_folders, write_outputs
+    from ..residual import doubt_details
     from ..volume_io import iter_inputs, load_mask, load_volume, volume_name
 
     inputs, missing = [], []
@@ -131,10 +132,7 @@ def run(args):
             choice = ((result.confidence.get("refinement") or {}).get("residual") or {}).get("frame_choice") or {}
             if choice.get("doubtful"):  # most failures have a low pose logit (README, "Doubtful results")
                 doubtful.append(name)
-                why = f"pose logit {choice['pose_logit']:.1f}"
-                if "e3cnn_disagreement" in choice.get("doubt_reasons", ()):
-                    why += f"; the E3-CNN read again is {choice['e3cnn_disagreement_deg']:.0f} deg away"
-                tqdm.write(f"CHECK {path}: doubtful pose ({why})", file=sys.stderr)
+                tqdm.write(f"CHECK {path}: doubtful pose ({doubt_details(choice)})", file=sys.stderr)
         except E3PoseError as exc:
             failures.append((path, str(exc)))
             tqdm.write(f"FAILED {exc}", file=sys.stderr)

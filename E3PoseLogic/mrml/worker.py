@@ -310,17 +310,13 @@ def refinement_summary(confidence) -> str:
 def _doubt_text(info) -> str:
     """"; DOUBTFUL, check it (...)" when the residual network's frame choice flagged the pose (README, "Doubtful
     results"), else ''."""
+    from ..residual import doubt_details
+
     choice = (info.get("residual") or {}).get("frame_choice") if isinstance(info.get("residual"), dict) else None
     if not isinstance(choice, dict) or choice.get("doubtful") is not True:
         return ""
-    why = []
-    logit = _number(choice.get("pose_logit"))
-    if logit is not None:
-        why.append(f"pose logit {logit:.1f}")
-    away = _number(choice.get("e3cnn_disagreement_deg"))
-    if away is not None and "e3cnn_disagreement" in (choice.get("doubt_reasons") or ()):
-        why.append(f"E3-CNN {away:.0f}° away")
-    return "; DOUBTFUL, check it" + (f" ({', '.join(why)})" if why else "")
+    why = doubt_details(choice, unit="°")
+    return "; DOUBTFUL, check it" + (f" ({why})" if why else "")
 
 
 def main(argv=None, pipeline_factory: Optional[Callable] = None) -> int:

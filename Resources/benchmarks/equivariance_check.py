@@ -16,31 +16,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 SHAPES = ("box", "cube")
-
-
-def signed_permutations():
-    """(transpose order, flips, 3x3 matrix on index vectors) of the grid's 48 symmetries."""
-    out = []
-    for order in itertools.permutations(range(3)):
-        for flips in itertools.product((1, -1), repeat=3):
-            g = np.zeros((3, 3))
-            for k in range(3):
-                g[k, order[k]] = flips[k]
-            out.append((order, flips, g))
-    return out
-
-
-def apply_signed_permutation(a, order, flips):
-    b = np.transpose(np.asarray(a), order)
-    return np.ascontiguousarray(np.flip(b, [k for k in range(3) if flips[k] < 0]))
 
 
 def turn_on_grid(x, mask, q):
@@ -68,16 +49,16 @@ def check_volume(pipeline, x, mask, rng, turns=2, shapes=SHAPES):
     """-> {shape: {"grid": [48 angles], "turned": [turns angles]}} in degrees."""
     from scipy.spatial.transform import Rotation
 
-    from E3PoseLogic.rotation import geodesic_deg
+    from E3PoseLogic.rotation import apply_grid_symmetry, geodesic_deg, grid_symmetries
 
     qs = [Rotation.random(random_state=int(rng.integers(2 ** 31))).as_matrix() for _ in range(turns)]
     out = {}
     for shape in shapes:
         base = network_pose(pipeline, x, mask, shape)
         grid = []
-        for order, flips, g in signed_permutations():
-            r = network_pose(pipeline, apply_signed_permutation(x, order, flips),
-                             apply_signed_permutation(mask, order, flips), shape)
+        for order, flips, g in grid_symmetries():
+            r = network_pose(pipeline, apply_grid_symmetry(x, order, flips), apply_grid_symmetry(mask, order, flips),
+                             shape)
             grid.append(float(geodesic_deg(r, g @ base @ np.diag([np.linalg.det(g), 1.0, 1.0]))))
         turned = []
         for q in qs:
