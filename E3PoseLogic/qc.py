@@ -225,7 +225,13 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
     elif ref:
         extra += "; E3-CNN axes (not refined)"
     head = (title or "E3Pose QC") + (f"   [{extra}]" if extra else "")
-    fig.suptitle(head + "   axes: x red (L-R), y green (P->A), z blue (S->I)", fontsize=10)
+    # wrapped to the figure's width (at most 8 px per character at 10 pt): a long title (a DOUBTFUL one) ran off
+    # both edges, name and axes legend included
+    import textwrap
+
+    lines = textwrap.wrap(head + "   axes: x red (L-R), y green (P->A), z blue (S->I)", width=int(4 * size / 8))
+    fig.set_figheight(fig.get_figheight() + 0.18 * (len(lines) - 1))
+    fig.suptitle("\n".join(lines), fontsize=10)
     fig.tight_layout()
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png")
