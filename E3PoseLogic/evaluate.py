@@ -14,6 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from .residual import frame_choice
 from .rotation import geodesic_deg  # noqa: F401  (re-exported: batched geodesic angle)
 
 # Rotation-magnitude bins (degrees), as in Table 2 of the 3DPose-Net paper (Salehi et al. 2019).
@@ -238,8 +239,8 @@ def read_prediction(path) -> dict:
         if t.shape != (3,) or not np.all(np.isfinite(t)):
             raise ValueError(f"{path}: 'translation_ras' is not a finite 3-vector")
     ref = (d.get("confidence") or {}).get("refinement") if isinstance(d.get("confidence"), dict) else None
-    choice = ((ref or {}).get("residual") or {}).get("frame_choice") if isinstance(ref, dict) else None
-    doubtful = bool(choice["doubtful"]) if isinstance(choice, dict) and "doubtful" in choice else None
+    choice = frame_choice(ref)
+    doubtful = bool(choice["doubtful"]) if "doubtful" in choice else None
     return dict(rotation_voxel=_matrix(d, "rotation_voxel", path),
                 network_rotation_voxel=_matrix(d, "network_rotation_voxel", path), translation_ras=t,
                 doubtful=doubtful)

@@ -19,7 +19,7 @@ from .errors import E3PoseError
 from .preprocess import field_of_view, map_unet_mask_to_input, resample_to_grid, unet_input
 from .result import PoseResult
 from .refine import check_refine, refine_pose
-from .residual import correct_pose, mark_doubt
+from .residual import correct_pose, frame_choice, mark_doubt
 from .rotation import axes_to_rotation, geodesic_deg, voxel_rotation, world_rotation
 from .segmentation import DEFAULT_THRESHOLDS, brain_and_eyes, check_mask, softmax
 
@@ -221,8 +221,10 @@ class Pipeline:
         axes = self.network_axes(crop_input(x, replace(box, centre=centre)))
         return world_rotation(axes_to_rotation(*axes)[0], frames.direction_cosines(affine))
 
-    def _pose_from_mask(self, array, affine, x, unet_affine, brain, volume_ml, refine, move_centre, clock, step):
-        """Crop, E3-CNN and refinement from one brain mask on the U-Net grid -> dict (see ``run``)."""
+    def _pose_from_mask(self, array, affine, x, unet_affine, brain, eyes, volume_ml, unet_spacing, refine,
+                        move_centre, clock, step):
+        """Crop, E3-CNN and refinement from one brain mask on the U-Net grid -> dict (see ``run``), the mask and the
+        grid it came from included."""
         step("crop", 0.5)
         with clock("crop"):
             com_unet = np.array(ndimage.center_of_mass(brain), dtype=np.float64)
@@ -259,7 +261,8 @@ class Pipeline:
             refinement = {"applied": False, "reason": "turned off (refine off)" if refine == "off" else
                           "this model has no refinement network (published checkpoints have none)"}
         return dict(x_crop=x_crop, box=box, axes=axes, rot_info=rot_info, com_unet=com_unet, rotation=rotation,
-                    translation=translation, rotation_voxel=rot_voxel, network=network, refinement=refinement)
+                    translation=translation, rotation_voxel=rot_voxel, network=network, refinement=refinement,
+                    brain=brain, eyes=eyes, volume_ml=volume_ml, unet_spacing=float(unet_spacing))
 
     def _retry_grids(self, array, affine, x, unet_affine, fov, source, refine, step, first):
         """A doubtful pose: the whole estimate again from the U-Net's masks on the ``DOUBT_RETRY_FACTORS`` grids;
@@ -268,15 +271,14 @@ class Pipeline:
         Why: most doubtful poses come from a poor U-Net mask of a small or coarse head (the pose is then 2 deg
         median with the true mask); the same U-Net on a finer grid often draws a better one. Tuning set (168
         volumes, 23 doubtful): above 60 deg 6.5 -> 3.6 %, above 30 deg 7.1 -> 4.8 %, no pose the first grid did
-        not flag changes. ``first`` = (pose, brain, eyes, volume ml, spacing) of the first grid.
+        not flag changes. ``first``: the first grid's pose (``_pose_from_mask``).
         """
         from .errors import MaskAtBorder, NoBrainFound
 
-        best = first
-        tried = [_retry_record(first[0], first[4])]
+        best, tried = first, [_retry_record(first)]
         for factor in DOUBT_RETRY_FACTORS:
             spacing = self.unet_spacing * factor
-            if np.isclose(spacing, first[4]):
+            if np.isclose(spacing, first["unet_spacing"]):
                 continue
             step("refine", 0.8)
             try:
@@ -285,12 +287,12 @@ class Pipeline:
             except (NoBrainFound, MaskAtBorder) as err:
                 tried.append({"unet_spacing_mm": float(spacing), "refused": str(err)})
                 continue
-            pose = self._pose_from_mask(array, affine, x, unet_affine, brain, volume_ml, refine, True,
+            pose = self._pose_from_mask(array, affine, x, unet_affine, brain, eyes, volume_ml, spacing, refine, True,
                                         _Clock({}), lambda *a: None)
-            tried.append(_retry_record(pose, spacing))
-            if _pose_logit(pose["refinement"]) > _pose_logit(best[0]["refinement"]):
-                best = (pose, brain, eyes, volume_ml, spacing)
-        best[0]["refinement"]["grid_retry"] = {"tried": tried, "chosen_unet_spacing_mm": float(best[4])}
+            tried.append(_retry_record(pose))
+            if _pose_logit(pose) > _pose_logit(best):
+                best = pose
+        best["refinement"]["grid_retry"] = {"tried": tried, "chosen_unet_spacing_mm": best["unet_spacing"]}
         return best
 
     # ------------------------------------------------------------------------------------------------ run
@@ -333,13 +335,12 @@ class Pipeline:
                 eyes = None
                 mask_source = "given"
                 volume_ml = check_mask(brain, source, _voxel_ml(unet_affine), fov=fov)
-        pose = self._pose_from_mask(array, affine, x, unet_affine, brain, volume_ml, refine, mask is None, clock,
-                                    step)
-        if mask is None and _doubtful(pose["refinement"]):
+        pose = self._pose_from_mask(array, affine, x, unet_affine, brain, eyes, volume_ml, unet_spacing, refine,
+                                    mask is None, clock, step)
+        if mask is None and frame_choice(pose["refinement"]).get("doubtful"):
             with clock("doubt_retry"):
-                pose, brain, eyes, volume_ml, unet_spacing = self._retry_grids(
-                    array, affine, x, unet_affine, fov, source, refine, step,
-                    (pose, brain, eyes, volume_ml, unet_spacing))
+                pose = self._retry_grids(array, affine, x, unet_affine, fov, source, refine, step, pose)
+        brain, eyes, volume_ml, unet_spacing = (pose[k] for k in ("brain", "eyes", "volume_ml", "unet_spacing"))
         x_crop, box, axes, rot_info, com_unet = (pose[k] for k in ("x_crop", "box", "axes", "rot_info", "com_unet"))
         rotation, translation, rot_voxel = pose["rotation"], pose["translation"], pose["rotation_voxel"]
         network, refinement = pose["network"], pose["refinement"]
@@ -376,20 +377,13 @@ class Pipeline:
         )
 
 
-def _pose_logit(refinement) -> float:
-    choice = ((refinement or {}).get("residual") or {}).get("frame_choice") or {}
-    return float(choice.get("pose_logit", -np.inf))
+def _pose_logit(pose) -> float:
+    return float(frame_choice(pose["refinement"]).get("pose_logit", -np.inf))
 
 
-def _doubtful(refinement) -> bool:
-    """The residual network's frame choice flagged the pose (models without a pose logit never are)."""
-    choice = ((refinement or {}).get("residual") or {}).get("frame_choice") or {}
-    return bool(choice.get("doubtful", False))
-
-
-def _retry_record(pose, spacing) -> dict:
-    choice = pose["refinement"]["residual"]["frame_choice"]
-    return {"unet_spacing_mm": float(spacing), "pose_logit": float(choice["pose_logit"]),
+def _retry_record(pose) -> dict:
+    choice = frame_choice(pose["refinement"])
+    return {"unet_spacing_mm": pose["unet_spacing"], "pose_logit": float(choice["pose_logit"]),
             "doubtful": bool(choice["doubtful"])}
 
 

@@ -84,6 +84,14 @@ def mark_doubt(choice, disagreement_deg=None):
     return choice
 
 
+def frame_choice(refinement) -> dict:
+    """The residual network's frame choice in a ``confidence.refinement`` dict ({} when there is none). Read
+    defensively: ``refinement`` may come from a JSON file, or from a model without a residual network."""
+    residual = refinement.get("residual") if isinstance(refinement, dict) else None
+    choice = residual.get("frame_choice") if isinstance(residual, dict) else None
+    return choice if isinstance(choice, dict) else {}
+
+
 def doubt_details(choice, unit=" deg") -> str:
     """Why a pose was flagged, for a message: e.g. "pose logit 1.2, E3-CNN 164 deg away" ('' when nothing to say).
     Read defensively: ``choice`` may come from a JSON file."""

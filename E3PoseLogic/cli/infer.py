@@ -79,7 +79,7 @@ def run(args):
 
     from ..errors import E3PoseError, InputError
     from ..outputs import name_clashes, prepare_output_folder, remove_empty_folders, write_outputs
-    from ..residual import doubt_details
+    from ..residual import doubt_details, frame_choice
     from ..volume_io import iter_inputs, load_mask, load_volume, volume_name
 
     inputs, missing = [], []
@@ -129,7 +129,7 @@ def run(args):
                 result.provenance["mask_source"] = str(mpath)
             write_outputs(args.output, name, result, path, args.scanner_space, args.input_to_canonical)
             done += 1
-            choice = ((result.confidence.get("refinement") or {}).get("residual") or {}).get("frame_choice") or {}
+            choice = frame_choice(result.confidence.get("refinement"))
             if choice.get("doubtful"):  # most failures have a low pose logit (README, "Doubtful results")
                 doubtful.append(name)
                 tqdm.write(f"CHECK {path}: doubtful pose ({doubt_details(choice)})", file=sys.stderr)

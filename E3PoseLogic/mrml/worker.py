@@ -310,10 +310,10 @@ def refinement_summary(confidence) -> str:
 def _doubt_text(info) -> str:
     """"; DOUBTFUL, check it (...)" when the residual network's frame choice flagged the pose (README, "Doubtful
     results"), else ''."""
-    from ..residual import doubt_details
+    from ..residual import doubt_details, frame_choice
 
-    choice = (info.get("residual") or {}).get("frame_choice") if isinstance(info.get("residual"), dict) else None
-    if not isinstance(choice, dict) or choice.get("doubtful") is not True:
+    choice = frame_choice(info)
+    if choice.get("doubtful") is not True:
         return ""
     why = doubt_details(choice, unit="°")
     return "; DOUBTFUL, check it" + (f" ({why})" if why else "")
