@@ -168,6 +168,54 @@ def test_e3cnn_trains_on_the_cube_crop(synth_dir, tmp_path):
     assert load_e3cnn(tmp_path / "e" / "best.pt")[0].config.crop_shape == "cube"
 
 
+def test_crop_jitter_places_the_crop_as_an_imperfect_mask_would(synth_dir, tmp_path):
+    """--centre-jitter / --scale-jitter: the cached grid reproduces the exact crop bitwise, a draw is the crop the
+    pipeline's own sampler gives about the moved centre and scaled side, the run validates on both and records it."""
+    from dataclasses import replace
+
+    import torch as _torch
+
+    from E3PoseLogic.crop import crop_input, cube_box
+    from E3PoseLogic.cli import main
+    from E3PoseLogic.training import data
+
+    ann = data.read_annotations(synth_dir / "poses.csv")
+    cases = data.list_cases(synth_dir / "images", synth_dir / "labels")
+    exact = data.cache_e3cnn(cases, ann, 12.0, 32, 0.6, 16, "cube")
+    jitter = data.CropJitter(centre_sd_mm=6.0, scale_sd=0.1)
+    grid = data.cache_e3cnn(cases, ann, 12.0, 32, 0.6, 16, "cube", jitter=jitter)
+    assert all(isinstance(g, data.GridCase) for g in grid) and len(grid) == len(exact)
+    for g, c in zip(grid, exact):
+        e = data.jittered_crop(g)
+        np.testing.assert_array_equal(e.x, c.x)
+        np.testing.assert_array_equal(e.mask, c.mask)
+        assert e.spacing_mm == c.spacing_mm
+    # one draw against the pipeline's sampler on the whole U-Net grid, about the same moved centre and side
+    fid, img, lab = cases[0]
+    x_unet, y = data.unet_case(img, lab, 12.0, 32)
+    box = cube_box(x_unet, (y == 1).astype(np.uint8), 0.6, 16)
+    g = next(g for g in grid if g.frame_id == fid)
+    d, z = jitter.draw(np.random.default_rng(3), 12.0)
+    drawn = data.jittered_crop(g, np.random.default_rng(3), jitter)
+    want = crop_input(x_unet, replace(box, centre=box.centre + d, side=box.side * z))
+    assert np.abs(d).max() > 0.1 and z != 1.0
+    np.testing.assert_allclose(drawn.x, want, atol=1e-5)
+    assert not np.allclose(drawn.x, data.jittered_crop(g).x)
+    with pytest.raises(ValueError, match="cube"):
+        data.cache_e3cnn(cases, ann, 12.0, 32, 0.6, 16, "box", jitter=jitter)
+    pos = [str(synth_dir / "images"), str(synth_dir / "labels")] * 2
+    out = tmp_path / "e"
+    assert main(["train-e3cnn", *pos, str(synth_dir / "poses.csv"), str(out), *E3_TINY, "--epochs", "1",
+                 "--steps-per-epoch", "2", "--batch-size", "1", "--threads", "1", "--quiet", "--crop-shape",
+                 "cube", "--no-augment", "--centre-jitter", "6", "--scale-jitter", "0.1"]) == 0
+    prov = _torch.load(out / "best.pt", weights_only=True)["provenance"]
+    assert prov["crop_jitter"] == {"centre_sd_mm": 6.0, "scale_sd": 0.1}
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val_median_rot_deg", "val_exact_median_rot_deg"} <= set(header)
+    assert main(["train-e3cnn", *pos, str(synth_dir / "poses.csv"), str(tmp_path / "b"), *E3_TINY,
+                 "--centre-jitter", "6", "--quiet"]) == 2
+
+
 def test_cli_checkpoint_round_trip_and_resume(synth_dir, tmp_path):
     from E3PoseLogic.checkpoints import load_e3cnn, load_unet
     from E3PoseLogic.cli import main

@@ -104,6 +104,12 @@ def register(subparsers) -> None:
     g.add_argument("--loss", choices=("axes", "geodesic"), default=None,
                    help="axes (published, per voxel on the unpooled map; default for --arch e3cnn) or geodesic "
                         "(pooled rotation angle; the only choice, and default, for --arch standard)")
+    g.add_argument("--centre-jitter", type=float, metavar="MM", default=0.0,
+                   help="cube crops: move each training crop's centre by N(0, MM) per axis (cut at 3 sd), as a "
+                        "U-Net mask's centre of mass is off at inference (works with --no-augment; default 0)")
+    g.add_argument("--scale-jitter", type=float, metavar="SD", default=0.0,
+                   help="cube crops: scale each training crop's side by exp(N(0, SD)) (cut at 3 sd), as a U-Net "
+                        "mask's extent is off at inference (default 0)")
     g = p.add_argument_group("pose range (SO(3) generalisation experiments)")
     g.add_argument("--pose-range", type=float, metavar="DEG", default=None,
                    help="train only on heads near one orientation: every crop is turned so that its target pose has "
@@ -161,6 +167,10 @@ def _check_e3cnn(args):
         if args.norm == "instance" and -(-args.crop_size // 2 ** args.n_downsample) < 2:
             return (f"--crop-size {args.crop_size} with --n-downsample {args.n_downsample} leaves one voxel at the "
                     "last level, where instance norm is undefined: fewer down-samplings or a larger crop")
+    if args.centre_jitter < 0 or args.scale_jitter < 0:
+        return "--centre-jitter and --scale-jitter must be >= 0"
+    if (args.centre_jitter > 0 or args.scale_jitter > 0) and (args.crop_shape != "cube" or args.pose_range is not None):
+        return "--centre-jitter and --scale-jitter need --crop-shape cube and do not combine with --pose-range"
     if args.pose_range is not None:
         if args.pose_range < 0:
             return "--pose-range must be >= 0 degrees"

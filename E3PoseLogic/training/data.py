@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import augment
-from ..crop import crop_array, crop_for_e3cnn
+from ..crop import CropBox, crop_array, crop_for_e3cnn, crop_input
 from ..preprocess import resample_to_grid, unet_input
 from ..volume_io import NIFTI_SUFFIXES, load_volume, volume_name
 
@@ -122,6 +122,81 @@ def e3cnn_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: 
     return CropCase(volume_name(img_path), x.astype(np.float32), m, spacing * box.step, np.asarray(r_vc, np.float64))
 
 
+@dataclass
+class CropJitter:
+    """How far a training draw moves the cube crop from the true mask's (``--centre-jitter``, ``--scale-jitter``).
+
+    Why: inference centres the crop on the U-Net mask's centre of mass and sizes it from that mask's extent. On the
+    tuning set (168 volumes) those are 2.6 mm median (p90 5.9 mm) and 0.80-1.15x (p5-p95) away from the true
+    mask's, and an E3-CNN trained only on exact crops went from 4.2 % above 60 deg (true-mask crop) to 13 % with
+    the crop moved 4 mm. A draw moves the centre by N(0, ``centre_sd_mm``) per axis and scales the side by
+    exp(N(0, ``scale_sd``)), both cut at 3 standard deviations."""
+    centre_sd_mm: float = 0.0
+    scale_sd: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.centre_sd_mm > 0 or self.scale_sd > 0
+
+    def reach(self, side: float, spacing: float) -> int:
+        """Half-width (U-Net voxels) of the grid a crop of ``side`` can reach under the largest draw."""
+        return int(np.ceil(side / 2.0 * np.exp(3.0 * self.scale_sd) + 3.0 * self.centre_sd_mm / spacing)) + 2
+
+    def draw(self, rng, spacing: float):
+        """-> (centre shift in U-Net voxels, side factor)."""
+        d = np.clip(rng.normal(size=3), -3.0, 3.0) * (self.centre_sd_mm / spacing)
+        z = float(np.exp(np.clip(rng.normal(), -3.0, 3.0) * self.scale_sd))
+        return d, z
+
+    def to_dict(self):
+        return {"centre_sd_mm": float(self.centre_sd_mm), "scale_sd": float(self.scale_sd)}
+
+
+@dataclass
+class GridCase:
+    """A training case kept as the U-Net grid around its brain (not as one fixed crop), so that every draw samples
+    its cube exactly as inference does from a mask that is a little off (``jittered_crop``)."""
+    frame_id: str
+    region: np.ndarray  # U-Net grid input about the brain, float32; zeros beyond the grid, as inference samples it
+    mask: np.ndarray  # brain mask on the region (uint8)
+    box: CropBox  # the true mask's cube crop, centre in region voxels
+    spacing_mm: float  # U-Net grid spacing
+    r_vc: np.ndarray
+
+
+def e3cnn_grid_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: float, crop_size: int,
+                    jitter: CropJitter):
+    """The true-mask cube crop's neighbourhood on the U-Net grid, wide enough for every ``jitter`` draw."""
+    from dataclasses import replace
+
+    x_unet, y = unet_case(img_path, lab_path, spacing, size)
+    brain = (y == 1).astype(np.uint8)
+    if not brain.any():
+        raise ValueError("no brain (label 1) inside the U-Net field of view")
+    _, box = crop_for_e3cnn(x_unet, brain, crop_scale, crop_size, "cube")
+    half = jitter.reach(box.side, spacing)
+    origin = np.floor(box.centre).astype(np.int64) - half
+    pad = [(half + 1, half + 1)] * 3
+    sl = tuple(slice(int(o) + half + 1, int(o) + 3 * half + 2) for o in origin)
+    region = np.pad(x_unet.astype(np.float32), pad)[sl]
+    mask = np.pad(brain, pad)[sl]
+    return GridCase(volume_name(img_path), region, mask, replace(box, centre=box.centre - origin), float(spacing),
+                    np.asarray(r_vc, np.float64))
+
+
+def jittered_crop(case: GridCase, rng=None, jitter: Optional[CropJitter] = None) -> CropCase:
+    """The E3-CNN input of one draw: the cube moved and scaled by ``jitter`` (none: the true mask's crop)."""
+    from dataclasses import replace
+
+    box = case.box
+    if rng is not None and jitter is not None and jitter.active:
+        d, z = jitter.draw(rng, case.spacing_mm)
+        box = replace(box, centre=box.centre + d, side=box.side * z)
+    x = crop_input(case.region, box)
+    m = crop_array(case.mask, box, order=0).astype(np.uint8)
+    return CropCase(case.frame_id, x, m, case.spacing_mm * box.step, case.r_vc)
+
+
 def _run_jobs(fn, jobs, workers: int, desc: str, progress: bool = True):
     """Apply fn(*job) to every job (processes when workers > 1), with a progress bar; failures are skipped."""
     from tqdm import tqdm
@@ -155,18 +230,22 @@ def cache_unet(cases, spacing, size, workers=1, desc="preprocess", progress=True
 
 
 def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, crop_shape="box", workers=1,
-                desc="preprocess", progress=True):
-    """In-memory list of CropCase; cases without an annotation row are skipped with a warning."""
+                desc="preprocess", progress=True, jitter: Optional[CropJitter] = None):
+    """In-memory list of CropCase (GridCase with an active ``jitter``, cube crops only); cases without an
+    annotation row are skipped with a warning."""
     jobs, missing = [], []
+    grid = jitter is not None and jitter.active
+    if grid and crop_shape != "cube":
+        raise ValueError("crop jitter (--centre-jitter, --scale-jitter) needs --crop-shape cube")
     for fid, p, q in cases:
         if fid in annotations:
-            jobs.append((p, q, annotations[fid], spacing, size, crop_scale, crop_size, crop_shape))
+            jobs.append((p, q, annotations[fid], spacing, size, crop_scale, crop_size, jitter if grid else crop_shape))
         else:
             missing.append(fid)
     if missing:
         print(f"warning: {len(missing)} cases have no row in the annotation CSV (e.g. {missing[0]}); skipped",
               file=sys.stderr)
-    return _run_jobs(e3cnn_case, jobs, workers, desc, progress)
+    return _run_jobs(e3cnn_grid_case if grid else e3cnn_case, jobs, workers, desc, progress)
 
 
 # ------------------------------------------------------------------------------------------------- augmentation

@@ -9,7 +9,10 @@ augmentation and schedule; it has no per-voxel output, so its loss is the geodes
 architecture) turns every training crop to a pose within DEG (Euler angles per axis) of the reference orientation
 (``data.pose_in_range``) instead of rotating it relative to its own pose; validation then reports both the
 validation cases turned into that range (``val_loss``, ``val_median_rot_deg``, ...: the training distribution, which
-picks ``best.pt``) and the cases at their own poses (``val_any_pose_*``).
+picks ``best.pt``) and the cases at their own poses (``val_any_pose_*``). ``--centre-jitter`` and
+``--scale-jitter`` (cube crops) place every training crop as an imperfect U-Net mask would (``data.CropJitter``);
+validation then reports a fixed jittered draw (``val_*``, which picks ``best.pt``) and the exact crops
+(``val_exact_*``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,13 @@ from .losses import frame_geodesic_loss, geodesic_loss, no_autocast, rotation_er
 
 # the validation cases turned into --pose-range: a fixed draw, the same for every run and training seed
 POSE_RANGE_VAL_SEED = 20_260_417
+# the validation crops moved by the crop jitter: a fixed draw as well
+JITTER_VAL_SEED = 20_261_202
+
+
+def crop_jitter_of(args) -> "data.CropJitter":
+    return data.CropJitter(float(getattr(args, "centre_jitter", 0.0) or 0.0),
+                           float(getattr(args, "scale_jitter", 0.0) or 0.0))
 
 
 def arch_of(args):
@@ -113,9 +123,19 @@ class E3CNNTask:
             self.model = E3CNN(self.cfg)
             # find_unused: the published zero-size bias never receives a gradient
             self.kind, self.title, self.find_unused = "e3cnn", "E3-CNN training", True
+        self.jitter = crop_jitter_of(args)
+        self.val_jittered = None
+        if self.jitter.active:  # GridCase caches: validate on a fixed jittered draw and on the exact crops
+            self.val_jittered = [data.jittered_crop(c, np.random.default_rng([JITTER_VAL_SEED, i]), self.jitter)
+                                 for i, c in enumerate(val_cache)]
+            val_cache = [data.jittered_crop(c) for c in val_cache]
         self.train_cache, self.val_cache, self.trained_on = train_cache, val_cache, trained_on
         self.pose_range = getattr(args, "pose_range", None)
         self.val_in_range = None
+        if self.pose_range is not None and self.jitter.active:
+            raise ValueError("--pose-range and the crop jitter (--centre-jitter, --scale-jitter) do not combine")
+        if self.val_jittered is not None:
+            self.metric_keys = self.metric_keys + ("val_exact_median_rot_deg",)
         if self.pose_range is not None:
             self.val_in_range = [data.pose_in_range(c, np.random.default_rng([POSE_RANGE_VAL_SEED, i]),
                                                     self.pose_range) for i, c in enumerate(val_cache)]
@@ -125,9 +145,11 @@ class E3CNNTask:
         aug = not self.args.no_augment
         rot = self.args.rotation_deg if aug else 0.0
         intensity = aug and not getattr(self.args, "no_intensity_augment", False)
-        pose_range = self.pose_range
+        pose_range, jitter = self.pose_range, self.jitter
 
         def make(case, rng):
+            if jitter.active:
+                case = data.jittered_crop(case, rng, jitter)
             return data.augment_crop(case, rng, rot, intensity=intensity, pose_range=pose_range)
 
         return data.DrawDataset(self.train_cache, n_items, make, self.args.seed, rank, world)
@@ -184,6 +206,9 @@ class E3CNNTask:
         """Loss (the training loss, unaugmented) and geodesic error of the pooled prediction, in degrees. With
         --pose-range: on the validation cases turned into the range (the training distribution), and, as
         ``val_any_pose_*``, on the cases at their own poses."""
+        if self.val_jittered is not None:
+            return {**self._validate_cases(model, device, self.val_jittered, "val_"),
+                    **self._validate_cases(model, device, self.val_cache, "val_exact_")}
         if self.val_in_range is None:
             return self._validate_cases(model, device, self.val_cache, "val_")
         return {**self._validate_cases(model, device, self.val_in_range, "val_"),
@@ -196,6 +221,7 @@ class E3CNNTask:
                                    "loss": self.objective.description,
                                    "augmentation": data.augmentation_record(args, data.E3CNN_AUG),
                                    "pose_range_deg": None if self.pose_range is None else float(self.pose_range),
+                                   "crop_jitter": self.jitter.to_dict() if self.jitter.active else None,
                                    "rotation_sampling": (
                                        "none" if args.no_augment else
                                        f"training poses drawn within +-{self.pose_range:g} deg (Euler angles per "
@@ -226,10 +252,11 @@ def run(args) -> int:
               file=sys.stderr)
     prep = (args.unet_spacing, args.unet_size, E3CNNConfig().crop_scale, args.crop_size, crop_shape_of(args))
     # one progress bar in a torchrun job: rank 0's
+    jitter = crop_jitter_of(args)
     train_cache = data.cache_e3cnn(train_cases, ann, *prep, workers=args.prep_workers, desc="train data",
-                                   progress=dist.main)
-    val_cache = data.cache_e3cnn(val_cases, ann, *prep, workers=args.prep_workers, desc="val data") \
-        if dist.main else []
+                                   progress=dist.main, jitter=jitter)
+    val_cache = data.cache_e3cnn(val_cases, ann, *prep, workers=args.prep_workers, desc="val data",
+                                 jitter=jitter) if dist.main else []
     if not train_cache:
         print("error: no usable training case (check the annotation CSV frame_ids)", file=sys.stderr)
         return 2
