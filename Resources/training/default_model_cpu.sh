@@ -138,7 +138,8 @@ run_to 28 runs/e3cnn e3pose train-e3cnn train_e6/images train_e6/labels val_e3/i
     --init runs/e3cnn5/best.pt
 # Tried in session 14 and not shipped (docs/README_training.md, crop jitter): the same command from phase 6's best
 # with --centre-jitter 2.5 --scale-jitter 0.1 --epochs 24 --seed 14 (56 min, best epoch 18). The E3-CNN alone
-# improved with the U-Net's crop, but the refined pose had more failures on the held-out and transfer sets.
+# improved with the U-Net's crop, but the refined pose had more failures on the held-out and transfer sets; so did
+# --centre-jitter 2 --scale-jitter 0.04 --epochs 18 --seed 15 on the tuning set.
 wait "$UNET"
 # U-Net phase 2, for transfer (issue 11): from phase 1's best, on the T2-like phantoms (1, 2, 4n) and as many
 # varied-anatomy ones (55, 56, 57n), selected on varied (63, 64n) and plain (31, 32n) volumes. Adam 5e-4 cosine over
