@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .. import augment
-from ..crop import CropBox, crop_array, crop_for_e3cnn, crop_input
+from ..crop import CropBox, crop_array, crop_for_e3cnn, crop_input, cube_box
 from ..preprocess import resample_to_grid, unet_input
 from ..volume_io import NIFTI_SUFFIXES, load_volume, volume_name
 
@@ -106,6 +106,15 @@ class CropCase:
     r_vc: np.ndarray  # 3x3 target: rows = canonical axes in the array-axis frame
 
 
+def _unet_brain(img_path, lab_path, spacing: float, size: int):
+    """(U-Net grid input, true brain mask uint8 on that grid); a case whose brain is outside the grid is an error."""
+    x_unet, y = unet_case(img_path, lab_path, spacing, size)
+    brain = (y == 1).astype(np.uint8)
+    if not brain.any():
+        raise ValueError("no brain (label 1) inside the U-Net field of view")
+    return x_unet, brain
+
+
 def e3cnn_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: float, crop_size: int,
                crop_shape: str = "box"):
     """The E3-CNN input built from the ground-truth brain mask with the inference crop (``crop_for_e3cnn``).
@@ -113,10 +122,7 @@ def e3cnn_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: 
     The U-Net grid keeps the input's voxel axes (direction cosines), so R_vc written in the voxel-axis frame is
     also the target in the crop's array-axis frame.
     """
-    x_unet, y = unet_case(img_path, lab_path, spacing, size)
-    brain = (y == 1).astype(np.uint8)
-    if not brain.any():
-        raise ValueError("no brain (label 1) inside the U-Net field of view")
+    x_unet, brain = _unet_brain(img_path, lab_path, spacing, size)
     x, box = crop_for_e3cnn(x_unet, brain, crop_scale, crop_size, crop_shape)
     m = crop_array(brain, box, order=0).astype(np.uint8)
     return CropCase(volume_name(img_path), x.astype(np.float32), m, spacing * box.step, np.asarray(r_vc, np.float64))
@@ -167,13 +173,8 @@ class GridCase:
 def e3cnn_grid_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: float, crop_size: int,
                     jitter: CropJitter):
     """The true-mask cube crop's neighbourhood on the U-Net grid, wide enough for every ``jitter`` draw."""
-    from dataclasses import replace
-
-    x_unet, y = unet_case(img_path, lab_path, spacing, size)
-    brain = (y == 1).astype(np.uint8)
-    if not brain.any():
-        raise ValueError("no brain (label 1) inside the U-Net field of view")
-    _, box = crop_for_e3cnn(x_unet, brain, crop_scale, crop_size, "cube")
+    x_unet, brain = _unet_brain(img_path, lab_path, spacing, size)
+    box = cube_box(x_unet, brain, crop_scale, crop_size)
     half = jitter.reach(box.side, spacing)
     origin = np.floor(box.centre).astype(np.int64) - half
     pad = [(half + 1, half + 1)] * 3
@@ -186,8 +187,6 @@ def e3cnn_grid_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_sc
 
 def jittered_crop(case: GridCase, rng=None, jitter: Optional[CropJitter] = None) -> CropCase:
     """The E3-CNN input of one draw: the cube moved and scaled by ``jitter`` (none: the true mask's crop)."""
-    from dataclasses import replace
-
     box = case.box
     if rng is not None and jitter is not None and jitter.active:
         d, z = jitter.draw(rng, case.spacing_mm)
