@@ -273,6 +273,58 @@ def evaluate_cases(predictions: Dict[str, Optional[dict]], truth: Dict[str, dict
     return out
 
 
+def brain_mask_scores(pred_mask_path, label_path) -> dict:
+    """Brain Dice and centre-of-mass distance (mm) of a predicted label map (``e3pose infer``'s NAME_mask.nii.gz)
+    against an annotated one (1 = brain; other labels ignored), on the annotation's grid.
+
+    Why: on the held-out sets the pose's large errors follow the U-Net's mask (a small or shifted mask moves the crop),
+    so an evaluation that shows where the pose fails has to show the mask too. The prediction is mapped onto the
+    annotation's grid nearest-neighbour through world coordinates, so the two files may lie on different grids.
+    Raises ``InputError`` (naming the file) for an unreadable file, an empty annotation or no overlap of the grids.
+    """
+    from scipy import ndimage
+
+    from . import frames
+    from .errors import InputError
+    from .volume_io import load_mask, load_volume
+
+    labels, affine = load_volume(label_path, labels=True)
+    truth = labels == 1
+    if not truth.any():
+        raise InputError(label_path, "the annotation has no brain (no voxel with label 1)")
+    pred = load_mask(pred_mask_path, affine, truth.shape).astype(bool)
+    dice = 2.0 * float(np.count_nonzero(pred & truth)) / float(np.count_nonzero(pred) + np.count_nonzero(truth))
+    com = [frames.apply(affine, np.array(ndimage.center_of_mass(m))) for m in (pred, truth)]
+    return dict(brain_dice=dice, mask_centre_error_mm=float(np.linalg.norm(com[0] - com[1])))
+
+
+def add_mask_scores(cases: List[dict], pred_dir, label_dir) -> List[str]:
+    """``brain_dice`` and ``mask_centre_error_mm`` on every row with a prediction (NaN where they cannot be had);
+    returns one message per case that could not be scored (a missing or unreadable file: the others go on)."""
+    from .errors import InputError
+
+    problems = []
+    for c in cases:
+        c.setdefault("brain_dice", math.nan)
+        c.setdefault("mask_centre_error_mm", math.nan)
+        if c["status"] != "ok":
+            continue
+        fid = c["frame_id"]
+        pred = Path(pred_dir) / f"{fid}_mask.nii.gz"
+        label = next((p for p in (Path(label_dir) / f"{fid}{x}" for x in (".nii.gz", ".nii")) if p.is_file()), None)
+        if not pred.is_file():
+            problems.append(f"{pred}: no predicted mask (e3pose infer writes NAME_mask.nii.gz beside NAME.json)")
+        elif label is None:
+            problems.append(f"{Path(label_dir) / fid}.nii[.gz]: no annotation for {fid}")
+        else:
+            try:
+                c.update(brain_mask_scores(pred, label))
+            except InputError as e:
+                problems.append(str(e))
+    return problems
+
+
+MASK_CENTRE_MM = 4.0  # a mask centre this far off moves the E3-CNN's crop enough to matter (crop-jitter probe)
 DOUBT_CHECK_DEG = 30.0  # the "doubtful" flag is scored on finding the poses off by more than this
 
 
@@ -297,8 +349,9 @@ def group_summary(cases: List[dict]) -> dict:
 
     ``rotation_error_deg``: the final pose; ``network_rotation_error_deg`` (None when no prediction has
     ``network_rotation_voxel``): the network alone; ``refinement``: how many cases the final pose made worse than
-    the network by more than 2 degrees among those whose network pose was within 10 degrees. Missing predictions
-    count as failures in every rate.
+    the network by more than 2 degrees among those whose network pose was within 10 degrees; ``brain_mask`` (None
+    unless ``add_mask_scores`` ran): the predicted mask's Dice and centre error. Missing predictions count as failures
+    in every rate (not in the mask's statistics, which need a mask).
     """
     ok = [c for c in cases if c["status"] == "ok"]
     n_missing = len(cases) - len(ok)
@@ -323,8 +376,16 @@ def group_summary(cases: List[dict]) -> dict:
         doubt = dict(above_deg=DOUBT_CHECK_DEG, n_above=len(bad), n_above_flagged=sum(bool(c["doubtful"]) for c in bad),
                      n_others=len(flagged) - len(bad),
                      n_others_flagged=sum(bool(c["doubtful"]) for c in flagged) - sum(bool(c["doubtful"]) for c in bad))
+    scored = [c for c in ok if np.isfinite(c.get("brain_dice", math.nan))]
+    mask = None
+    if scored:  # the mask the pose was made from, against the annotation (``add_mask_scores``)
+        dice = np.array([c["brain_dice"] for c in scored])
+        dist = np.array([c["mask_centre_error_mm"] for c in scored])
+        mask = dict(n=len(scored), dice_median=float(np.median(dice)), dice_p10=float(np.percentile(dice, 10)),
+                    centre_error_median_mm=float(np.median(dist)), centre_error_p95_mm=float(np.percentile(dist, 95)),
+                    share_centre_above_4mm=float(np.mean(dist > MASK_CENTRE_MM)))
     return dict(n_cases=len(cases), n_missing=n_missing, rotation_error_deg=rot, network_rotation_error_deg=net,
-                refinement=refine, translation_error_mm=trans, doubtful=doubt)
+                refinement=refine, translation_error_mm=trans, doubtful=doubt, brain_mask=mask)
 
 
 def summary(cases: List[dict]) -> dict:

@@ -58,6 +58,11 @@ def check_mask(mask, source, voxel_volume_mm3, fov=None, min_volume_ml=5.0):
         raise NoBrainFound(source, f"the brain mask is too small ({volume_ml:.1f} ml, {n} voxels; at least "
                                  f"{min_volume_ml:g} ml expected): the pose would be unreliable")
     inside = fov if fov is not None else np.ones(mask.shape, dtype=bool)
+    # a mask wholly in the zero padding around the image is not a brain of this image (the U-Net can draw one there;
+    # it maps onto the input as nothing); a mask partly outside crosses the edge below
+    if not np.count_nonzero(mask.astype(bool) & inside):
+        raise NoBrainFound(source, f"the brain mask ({volume_ml:.1f} ml) lies outside the image's field of view, in "
+                                 "the padding of the U-Net grid: no brain found in the image")
     shell = np.zeros(mask.shape, dtype=bool)
     shell[[0, -1], :, :] = shell[:, [0, -1], :] = shell[:, :, [0, -1]] = True
     edge = shell | (inside & ~ndimage.binary_erosion(inside, border_value=0))

@@ -208,8 +208,9 @@ def test_subgroups_and_network_pose(tmp_path, capsys):
     assert old["rotation_error_deg"]["median"] == pytest.approx(12.0, abs=1e-6)  # s2, s3, n2 (+ n3 missing)
     for grp in g.values():  # the same statistics as the overall summary
         assert set(grp) == {"n_cases", "n_missing", "rotation_error_deg", "network_rotation_error_deg",
-                            "refinement", "translation_error_mm", "doubtful"}
+                            "refinement", "translation_error_mm", "doubtful", "brain_mask"}
         assert grp["doubtful"] is None  # these results have no residual network's frame choice
+        assert grp["brain_mask"] is None  # no --labels
         assert set(grp["rotation_error_deg"]) == set(r)
 
     rows = {x["frame_id"]: x for x in csv.DictReader(open(out / "per_case.csv"))}
@@ -394,3 +395,54 @@ def test_doubtful_flags_are_scored_against_the_failures():
     d = group_summary(cases)["doubtful"]
     assert (d["n_above"], d["n_above_flagged"], d["n_others"], d["n_others_flagged"]) == (2, 1, 3, 1)
     assert d["above_deg"] == 30.0
+
+
+def test_labels_score_the_predicted_brain_masks(tmp_path, capsys):
+    """--labels: Dice and centre distance of NAME_mask.nii.gz against the annotation, whatever grid each lies on; a
+    case whose files are missing is named and the others are still scored."""
+    from E3PoseLogic.cli import main
+    from E3PoseLogic.volume_io import save_volume
+
+    gt = write_gt(tmp_path / "gt.csv", ["frame_id", "rot_x", "rot_y", "rot_z", "protocol"],
+                  [["a", 0, 0, 0, "standard"], ["b", 0, 0, 0, "standard"], ["c", 0, 0, 0, "navigator"],
+                   ["d", 0, 0, 0, "navigator"]])
+    pred, labels = tmp_path / "pred", tmp_path / "labels"
+    pred.mkdir(), labels.mkdir()
+    coarse = np.diag([2.0, 2.0, 2.0, 1.0])
+    coarse[:3, 3] = (-20.0, 7.0, 3.0)
+    truth = np.zeros((20, 20, 20), np.int16)
+    truth[5:15, 5:15, 5:15] = 1
+    truth[2, 2, 2] = 2  # eyes: not brain
+    for fid in "abcd":
+        write_pred(pred, fid, np.eye(3), 0.0, (0.0, 0.0, 0.0))
+        if fid != "d":
+            save_volume(labels / f"{fid}.nii.gz", truth, coarse, dtype=np.int16)
+    shifted = np.zeros_like(truth)
+    shifted[7:17, 5:15, 5:15] = 1  # two voxels (4 mm) along i: Dice 2 * 800 / 2000
+    shifted[0:3, 0:3, 0:3] = 2  # predicted eyes are not brain either
+    save_volume(pred / "a_mask.nii.gz", shifted, coarse, dtype=np.uint8)
+    fine = coarse.copy()
+    fine[:3, :3] = np.eye(3)  # a 1 mm grid over the same region: the same cube, mapped onto the annotation's grid
+    cube = np.zeros((40, 40, 40), np.uint8)
+    cube[10:30, 10:30, 10:30] = 1
+    save_volume(pred / "b_mask.nii.gz", cube, fine, dtype=np.uint8)
+    save_volume(pred / "d_mask.nii.gz", cube, fine, dtype=np.uint8)  # "c": no mask, "d": no annotation
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(pred), str(gt), "-o", str(out), "--no-plot", "--labels", str(labels)]) == 0
+    rows = {r["frame_id"]: r for r in csv.DictReader(open(out / "per_case.csv"))}
+    assert float(rows["a"]["brain_dice"]) == pytest.approx(0.8, abs=1e-4)
+    assert float(rows["a"]["mask_centre_error_mm"]) == pytest.approx(4.0, abs=1e-4)
+    assert float(rows["b"]["brain_dice"]) == pytest.approx(1.0) and float(rows["b"]["mask_centre_error_mm"]) < 1e-3
+    assert rows["c"]["brain_dice"] == "" and rows["d"]["brain_dice"] == ""
+    s = json.loads((out / "summary.json").read_text())
+    m = s["brain_mask"]
+    assert m["n"] == 2 and m["dice_median"] == pytest.approx(0.9, abs=1e-4) and m["share_centre_above_4mm"] == 0.0
+    assert s["by_subgroup"]["standard"]["brain_mask"]["n"] == 2 and s["by_subgroup"]["navigator"]["brain_mask"] is None
+    assert len(s["mask_problems"]) == 2
+    assert "c_mask.nii.gz" in s["mask_problems"][0] and "no annotation for d" in s["mask_problems"][1]
+    captured = capsys.readouterr()
+    assert "brain mask (2 scored): Dice median 0.900" in captured.out and "c_mask.nii.gz" in captured.err
+    # without --labels nothing about masks; a labels path that is not a folder is refused
+    assert main(["evaluate", str(pred), str(gt), "-o", str(tmp_path / "ev2"), "--no-plot"]) == 0
+    assert json.loads((tmp_path / "ev2" / "summary.json").read_text())["brain_mask"] is None
+    assert main(["evaluate", str(pred), str(gt), "--labels", str(tmp_path / "nope")]) == 2

@@ -169,3 +169,30 @@ def test_logic_modules_import_light():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_mask_in_the_padding_is_no_brain():
+    """The U-Net grid pads a thin volume with zeros; a 'brain' drawn wholly there maps onto the image as nothing, so
+    check_mask refuses it (the pipeline then tries its other grids), as it refuses one that crosses the image's edge."""
+    from E3PoseLogic.errors import MaskAtBorder, NoBrainFound
+    from E3PoseLogic.preprocess import field_of_view, map_unet_mask_to_input, unet_input
+    from E3PoseLogic.segmentation import check_mask
+
+    affine = np.diag([2.0, 4.0, 2.0, 1.0])
+    shape = (100, 40, 100)  # 160 mm along j: the 64 x 6 mm grid reaches well beyond it
+    x, g = unet_input(np.random.default_rng(0).random(shape).astype(np.float32), affine, 6.0, 64)
+    fov = field_of_view(shape, affine, g, x.shape)
+    js = np.flatnonzero(fov.any(axis=(0, 2)))
+    mask = np.zeros(x.shape, np.uint8)
+    mask[28:36, 2:8, 28:36] = 1  # below the first row of image data
+    assert js[0] > 8 and not (mask.astype(bool) & fov).any()
+    assert not map_unet_mask_to_input(mask, g, affine, shape).any()
+    with pytest.raises(NoBrainFound, match=r"thin\.nii: .*outside the image's field of view"):
+        check_mask(mask, "thin.nii", 216.0, fov=fov)
+    mask[:] = 0
+    mask[28:36, js[0] - 2:js[0] + 4, 28:36] = 1  # across the edge of the image
+    with pytest.raises(MaskAtBorder):
+        check_mask(mask, "thin.nii", 216.0, fov=fov)
+    mask[:] = 0
+    mask[28:36, 28:34, 28:36] = 1  # inside
+    assert check_mask(mask, "thin.nii", 216.0, fov=fov) == pytest.approx(8 * 6 * 8 * 0.216)

@@ -6,7 +6,7 @@ import argparse
 # The first ten columns keep their order (Resources/training/make_model_card.py reads them); new ones go last.
 PER_CASE_COLUMNS = ("frame_id", "status", "rotation_error_deg", "translation_error_mm", "err_ex_deg", "err_ey_deg",
                     "err_ez_deg", "gt_rotation_deg", "bin", "fold", "network_rotation_error_deg", "protocol",
-                    "ga_weeks", "doubtful")
+                    "ga_weeks", "doubtful", "brain_dice", "mask_centre_error_mm")
 
 
 def register(subparsers) -> None:
@@ -27,12 +27,17 @@ def register(subparsers) -> None:
                     "The CSV is checked first (UTF-8, a byte-order mark is fine): an empty, non-numeric, NaN or\n"
                     "infinite angle (or one beyond 1e6 degrees), com_* or ga_weeks stops the run (exit 2) with the\n"
                     "file, line and frame_id of each bad row. A frame_id repeated with different values is an\n"
-                    "error naming the ids; repeated with identical values it is counted once with a warning.")
+                    "error naming the ids; repeated with identical values it is counted once with a warning.\n\n"
+                    "--labels LABEL_DIR (LABEL_DIR/<frame_id>.nii[.gz], 1 = brain) also scores the brain mask each\n"
+                    "pose was made from (PRED_DIR/<frame_id>_mask.nii.gz): Dice and centre-of-mass distance, per\n"
+                    "case and per subgroup. A case without either file is listed and the others are scored.")
     p.add_argument("pred_dir", help="folder of <frame_id>.json predictions")
     p.add_argument("ground_truth", help="annotation CSV")
     p.add_argument("-o", "--output", help="output folder (default PRED_DIR/evaluation)")
     p.add_argument("--fold", help="evaluate only rows of this fold (e.g. validation)")
     p.add_argument("--no-plot", action="store_true", help="skip the box plot")
+    p.add_argument("--labels", metavar="LABEL_DIR",
+                   help="annotated label maps (1 = brain): score the predicted brain masks too")
     p.set_defaults(func=run)
 
 
@@ -119,6 +124,11 @@ def format_group(g: dict, indent: str = "") -> list:
     t = g.get("translation_error_mm")
     if t and t["n"]:
         out.append(f"{indent}translation error: median {t['median']:.2f} mm, 95th percentile {t['p95']:.2f} mm")
+    m = g.get("brain_mask")
+    if m:
+        out.append(f"{indent}brain mask ({m['n']} scored): Dice median {m['dice_median']:.3f}, 10th percentile "
+                   f"{m['dice_p10']:.3f}; centre of mass off by median {m['centre_error_median_mm']:.2f} mm, 95th "
+                   f"percentile {m['centre_error_p95_mm']:.2f} mm, above 4 mm {_pct(m['share_centre_above_4mm'])}")
     return out
 
 
@@ -127,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..atomic import save_json, write_text
-    from ..evaluate import evaluate_cases, read_ground_truth, read_prediction, summary
+    from ..evaluate import add_mask_scores, evaluate_cases, read_ground_truth, read_prediction, summary
 
     pred_dir, gt_path = Path(args.pred_dir), Path(args.ground_truth)
     if not pred_dir.is_dir():
@@ -157,9 +167,15 @@ def run(args: argparse.Namespace) -> int:
             except (ValueError, OSError) as e:
                 unreadable.append(f"{f.name}: {e}")
     cases = evaluate_cases(preds, truth)
+    mask_problems = []
+    if args.labels:
+        if not Path(args.labels).is_dir():
+            print(f"e3pose evaluate: {args.labels}: not a folder (--labels)", file=sys.stderr)
+            return 2
+        mask_problems = add_mask_scores(cases, pred_dir, args.labels)
     s = summary(cases)
     s.update(pred_dir=str(pred_dir), ground_truth=str(gt_path), fold=args.fold, unreadable=unreadable,
-             warnings=warnings)
+             warnings=warnings, labels=args.labels, mask_problems=mask_problems)
     out = Path(args.output) if args.output else pred_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     write_per_case(out / "per_case.csv", cases)
@@ -179,6 +195,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}: {g['n_cases']} cases, {g['n_missing']} missing")
         for line in format_group(g, indent="  "):
             print(line)
+    for msg in mask_problems[:10]:
+        print(f"e3pose evaluate: mask not scored: {msg}", file=sys.stderr)
+    if len(mask_problems) > 10:
+        print(f"e3pose evaluate: ... {len(mask_problems) - 10} more masks not scored (summary.json lists them)",
+              file=sys.stderr)
     if s["missing"]:
         shown = ", ".join(s["missing"][:10]) + (" ..." if len(s["missing"]) > 10 else "")
         print(f"missing predictions (counted as failures): {shown}")

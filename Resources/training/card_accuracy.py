@@ -5,7 +5,7 @@
 Each EVAL_DIR is an ``e3pose evaluate -o`` folder (its summary.json); NAME is how the card names the set (e.g.
 ``synthetic_full_pipeline``, ``synthetic_true_mask``, ``transfer_full_pipeline``). For every set the card gets the
 final (refined) and the network-only rotation statistics, the translation, the refinement's "made a good pose worse"
-count, and the same per subgroup (standard / navigator-like / under 25 weeks), rounded for reading.
+count, the brain mask's Dice and centre error (when evaluated with ``--labels``), and the same per subgroup (standard / navigator-like / under 25 weeks), rounded for reading.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROT_KEYS = ("median", "p95", "success_5", "success_10", "success_30", "above_30", "failure_60", "n", "n_missing")
 TRANS_KEYS = ("median", "p95", "n")
+MASK_KEYS = ("n", "dice_median", "dice_p10", "centre_error_median_mm", "centre_error_p95_mm", "share_centre_above_4mm")
 
 
 def _pick(stats, keys):
@@ -28,6 +29,8 @@ def block(summary):
            "rotation_deg": _pick(summary.get("rotation_error_deg"), ROT_KEYS),
            "network_only_rotation_deg": _pick(summary.get("network_rotation_error_deg"), ROT_KEYS),
            "translation_mm": _pick(summary.get("translation_error_mm"), TRANS_KEYS)}
+    if summary.get("brain_mask"):  # e3pose evaluate --labels: the mask the pose was made from
+        out["brain_mask"] = _pick(summary["brain_mask"], MASK_KEYS)
     ref = summary.get("refinement")
     if ref:
         out["refinement_made_good_pose_worse"] = {k: ref.get(k) for k in

@@ -184,7 +184,7 @@ e3pose train-residual train_unet2/images train_unet2/labels train_unet2/poses.cs
 
 # 3. held-out test (test/: seeds 41 + 42n): the whole pipeline with refinement, and with the true brain mask (label 1
 #    of the label maps). With the bundled model instead of the run folders: drop $M (refinement is on by default with
-#    the bundled refiner), e.g.  e3pose infer test/images -o pred  and  e3pose evaluate pred test/poses.csv -o ev
+#    the bundled refiner), e.g.  e3pose infer test/images -o pred  and  e3pose evaluate pred test/poses.csv -o ev --labels test/labels  # + the U-Net mask's Dice and centre error
 #    dev/ (seeds 31 + 32n) is for tuning; never report it as held-out.
 M="--unet runs/unet/best.pt --e3cnn runs/e3cnn/best.pt --refiner runs/refiner/refiner.pt --residual runs/residual/residual.pt"
 e3pose infer test/images -o pred $M -q || true  # exit code = refused volumes; evaluate counts them as failures
@@ -199,9 +199,10 @@ for t in std nav; do
     e3pose infer transfer_$t/images -o pred_transfer_$t $M -q || true  # refused volumes are counted as failures
 done
 mkdir -p pred_transfer transfer_labels && cp pred_transfer_std/*.json pred_transfer_nav/*.json pred_transfer/
+cp pred_transfer_std/*_mask.nii.gz pred_transfer_nav/*_mask.nii.gz pred_transfer/
 cp transfer_std/labels/* transfer_nav/labels/* transfer_labels/
 { cat transfer_std/poses.csv; tail -n +2 transfer_nav/poses.csv; } > transfer_poses.csv
-e3pose evaluate pred_transfer transfer_poses.csv -o ev_transfer
+e3pose evaluate pred_transfer transfer_poses.csv -o ev_transfer --labels transfer_labels
 for t in std nav; do
     e3pose infer transfer_$t/images -o pred_transfer_gt_$t --mask-dir transfer_labels $M -q || true
 done
