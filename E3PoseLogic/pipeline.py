@@ -384,9 +384,14 @@ def _pose_logit(pose) -> float:
 
 
 def _retry_record(pose) -> dict:
+    """One attempt of the grid retry, with its pose: enough to score another way of choosing among the attempts
+    offline against annotations (``Resources/benchmarks/retry_grids.py``)."""
     choice = frame_choice(pose["refinement"])
     return {"unet_spacing_mm": pose["unet_spacing"], "pose_logit": float(choice["pose_logit"]),
-            "doubtful": bool(choice["doubtful"])}
+            "doubtful": bool(choice["doubtful"]), "brain_volume_ml": float(pose["volume_ml"]),
+            "rotation_ras": np.asarray(pose["rotation"], dtype=float).tolist(),
+            "rotation_voxel": np.asarray(pose["rotation_voxel"], dtype=float).tolist(),
+            "translation_ras": np.asarray(pose["translation"], dtype=float).tolist()}
 
 
 def _voxel_ml(ijk_to_ras):

@@ -158,6 +158,10 @@ def test_doubtful_pose_is_estimated_again_on_finer_grids(monkeypatch):
     choice = res.confidence["refinement"]["residual"]["frame_choice"]
     assert choice["pose_logit"] == max(logits) and choice["doubtful"]
     assert res.confidence["unet_spacing_mm"] == retry["chosen_unet_spacing_mm"]
+    kept = next(t for t in retry["tried"] if t.get("pose_logit") == max(logits))  # each attempt carries its pose
+    assert np.allclose(kept["rotation_voxel"], res.rotation_voxel) and np.allclose(kept["translation_ras"],
+                                                                                   res.translation)
+    assert kept["brain_volume_ml"] == pytest.approx(res.confidence["brain_volume_ml"])
     # the first attempt is the ordinary pose, and whichever grid won, this easy head stays right
     assert retry["tried"][0]["pose_logit"] == pytest.approx(
         plain.confidence["refinement"]["residual"]["frame_choice"]["pose_logit"], abs=1e-6)
