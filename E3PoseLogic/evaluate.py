@@ -302,6 +302,7 @@ def add_mask_scores(cases: List[dict], pred_dir, label_dir) -> List[str]:
     """``brain_dice`` and ``mask_centre_error_mm`` on every row with a prediction (NaN where they cannot be had);
     returns one message per case that could not be scored (a missing or unreadable file: the others go on)."""
     from .errors import InputError
+    from .volume_io import find_nifti
 
     problems = []
     for c in cases:
@@ -311,7 +312,7 @@ def add_mask_scores(cases: List[dict], pred_dir, label_dir) -> List[str]:
             continue
         fid = c["frame_id"]
         pred = Path(pred_dir) / f"{fid}_mask.nii.gz"
-        label = next((p for p in (Path(label_dir) / f"{fid}{x}" for x in (".nii.gz", ".nii")) if p.is_file()), None)
+        label = find_nifti(label_dir, fid)
         if not pred.is_file():
             problems.append(f"{pred}: no predicted mask (e3pose infer writes NAME_mask.nii.gz beside NAME.json)")
         elif label is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Tuple, Union
+from typing import Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
@@ -35,6 +35,16 @@ def volume_name(path: PathLike) -> str:
 
 def is_nifti(path: PathLike) -> bool:
     return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def find_nifti(folder: PathLike, name: str) -> Optional[Path]:
+    """``folder/<name>.nii.gz`` or ``folder/<name>.nii`` (in that order), or None: a mask, label map or image
+    paired with a volume by its name."""
+    for suffix in NIFTI_SUFFIXES:
+        p = Path(folder) / f"{name}{suffix}"
+        if p.is_file():
+            return p
+    return None
 
 
 def iter_inputs(paths: Union[PathLike, Iterable[PathLike]]) -> Iterator[Path]:

@@ -66,21 +66,13 @@ def load_pipeline(args):
     return pipe
 
 
-def find_mask(mask_dir, name):
-    for suffix in (".nii.gz", ".nii"):
-        p = Path(mask_dir) / f"{name}{suffix}"
-        if p.is_file():
-            return p
-    return None
-
-
 def run(args):
     from tqdm import tqdm
 
     from ..errors import E3PoseError, InputError
     from ..outputs import name_clashes, prepare_output_folder, remove_empty_folders, write_outputs
     from ..residual import doubt_details, frame_choice
-    from ..volume_io import iter_inputs, load_mask, load_volume, volume_name
+    from ..volume_io import find_nifti, iter_inputs, load_mask, load_volume, volume_name
 
     inputs, missing = [], []
     for item in args.inputs:
@@ -120,7 +112,7 @@ def run(args):
             array, affine = load_volume(path)
             mask = None
             if args.mask_dir:
-                mpath = find_mask(args.mask_dir, name)
+                mpath = find_nifti(args.mask_dir, name)
                 if mpath is None:
                     raise InputError(path, f"no mask named {name}.nii.gz or {name}.nii in {args.mask_dir}")
                 mask = load_mask(mpath, affine, array.shape)

@@ -56,7 +56,7 @@ def run_sets(set_dirs, factors, out_path) -> None:
     from E3PoseLogic.atomic import write_text
     from E3PoseLogic.errors import E3PoseError
     from E3PoseLogic.evaluate import read_ground_truth
-    from E3PoseLogic.volume_io import load_volume
+    from E3PoseLogic.volume_io import find_nifti, load_volume
 
     P.DOUBT_RETRY_FACTORS = tuple(factors)  # the superset; subsets are scored from the kept attempts
     pipe = P.Pipeline.from_files(None, None, device="cpu")
@@ -64,8 +64,7 @@ def run_sets(set_dirs, factors, out_path) -> None:
     for set_dir in map(Path, set_dirs):
         truth = read_ground_truth(set_dir / "poses.csv")
         for fid in sorted(truth):
-            image = next((p for p in (set_dir / "images" / f"{fid}{x}" for x in (".nii.gz", ".nii")) if p.is_file()),
-                         None)
+            image = find_nifti(set_dir / "images", fid)
             rec = {"set": set_dir.name, "frame_id": fid, "model_spacing_mm": pipe.unet_spacing}
             try:
                 if image is None:
