@@ -383,15 +383,21 @@ def _pose_logit(pose) -> float:
     return float(frame_choice(pose["refinement"]).get("pose_logit", -np.inf))
 
 
+def attempt_record(unet_spacing, refinement, volume_ml, rotation, rotation_voxel, translation) -> dict:
+    """One pose attempt as the grid retry lists it (``grid_retry.tried``): enough to score another way of choosing
+    among the attempts offline against annotations (``Resources/benchmarks/retry_grids.py``, which also records a
+    pose that was not retried this way)."""
+    choice = frame_choice(refinement)
+    return {"unet_spacing_mm": float(unet_spacing), "pose_logit": float(choice.get("pose_logit", -np.inf)),
+            "doubtful": bool(choice.get("doubtful")), "brain_volume_ml": float(volume_ml),
+            "rotation_ras": np.asarray(rotation, dtype=float).tolist(),
+            "rotation_voxel": np.asarray(rotation_voxel, dtype=float).tolist(),
+            "translation_ras": np.asarray(translation, dtype=float).tolist()}
+
+
 def _retry_record(pose) -> dict:
-    """One attempt of the grid retry, with its pose: enough to score another way of choosing among the attempts
-    offline against annotations (``Resources/benchmarks/retry_grids.py``)."""
-    choice = frame_choice(pose["refinement"])
-    return {"unet_spacing_mm": pose["unet_spacing"], "pose_logit": float(choice["pose_logit"]),
-            "doubtful": bool(choice["doubtful"]), "brain_volume_ml": float(pose["volume_ml"]),
-            "rotation_ras": np.asarray(pose["rotation"], dtype=float).tolist(),
-            "rotation_voxel": np.asarray(pose["rotation_voxel"], dtype=float).tolist(),
-            "translation_ras": np.asarray(pose["translation"], dtype=float).tolist()}
+    return attempt_record(pose["unet_spacing"], pose["refinement"], pose["volume_ml"], pose["rotation"],
+                          pose["rotation_voxel"], pose["translation"])
 
 
 def _voxel_ml(ijk_to_ras):

@@ -48,6 +48,8 @@ def test_attempts_are_kept_and_subsets_scored_as_the_pipeline_chooses(tmp_path, 
     rows = {r["grids"]: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert set(rows) == {"none", "0.8333", "0.8333+0.6667"}
     first_errors, full_errors = [], []
+    monkeypatch.setattr(P, "DOUBT_RETRY_FACTORS", (5.0 / 6.0, 4.0 / 6.0))
+    pipe = P.Pipeline.from_files(None, None, device="cpu")
     for rec in records:
         spacings = [a["unet_spacing_mm"] for a in rec["attempts"]]
         assert spacings == pytest.approx([6.0, 5.0, 4.0])
@@ -56,8 +58,6 @@ def test_attempts_are_kept_and_subsets_scored_as_the_pipeline_chooses(tmp_path, 
         first_errors.append(geodesic_deg(np.asarray(rec["attempts"][0]["rotation_voxel"]),
                                          truth[rec["frame_id"]]["rotation_voxel"]))
         # the pipeline with only these grids keeps the attempt the script's choice names
-        monkeypatch.setattr(P, "DOUBT_RETRY_FACTORS", (5.0 / 6.0, 4.0 / 6.0))
-        pipe = P.Pipeline.from_files(None, None, device="cpu")
         res = pipe.run(*load_volume(data / "images" / f"{rec['frame_id']}.nii.gz"))
         kept = rg.choose(rec["attempts"], (5.0 / 6.0, 4.0 / 6.0), rec["model_spacing_mm"])
         assert np.allclose(kept["rotation_voxel"], res.rotation_voxel, atol=1e-5)

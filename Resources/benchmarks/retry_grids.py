@@ -38,17 +38,14 @@ def grid_set(text: str) -> tuple:
 
 def attempts_of(result) -> list:
     """The attempts behind one result: the retry's list, or the one pose when the first grid was not doubtful."""
-    from E3PoseLogic.residual import frame_choice
+    from E3PoseLogic.pipeline import attempt_record
 
-    retry = result.confidence["refinement"].get("grid_retry")
+    conf = result.confidence
+    retry = conf["refinement"].get("grid_retry")
     if retry:
         return retry["tried"]
-    choice = frame_choice(result.confidence["refinement"])
-    return [{"unet_spacing_mm": result.confidence["unet_spacing_mm"],
-             "pose_logit": float(choice.get("pose_logit", -np.inf)), "doubtful": bool(choice.get("doubtful")),
-             "brain_volume_ml": float(result.confidence["brain_volume_ml"]),
-             "rotation_voxel": np.asarray(result.rotation_voxel, float).tolist(),
-             "translation_ras": np.asarray(result.translation, float).tolist()}]
+    return [attempt_record(conf["unet_spacing_mm"], conf["refinement"], conf["brain_volume_ml"], result.rotation,
+                           result.rotation_voxel, result.translation)]
 
 
 def run_sets(set_dirs, factors, out_path) -> None:
