@@ -69,7 +69,8 @@ class Pipeline:
     """Holds the two loaded networks; ``run`` estimates one pose. Reuse one Pipeline for a batch."""
 
     def __init__(self, unet, e3cnn, unet_info=None, e3cnn_info=None, device="auto",
-                 thresholds=DEFAULT_THRESHOLDS, refiner=None, refiner_info=None, residual=None, residual_info=None):
+                 thresholds=DEFAULT_THRESHOLDS, refiner=None, refiner_info=None, residual=None, residual_info=None,
+                 retry_factors=DOUBT_RETRY_FACTORS):
         import torch
 
         self.device = resolve_device(device)
@@ -87,10 +88,13 @@ class Pipeline:
         # the residual network: the refinement's last step (``residual``), CPU too (two 32^3 readings)
         self.residual = residual.eval() if residual is not None else None
         self.residual_info = dict(residual_info or {})
+        # the grids a doubtful pose is made again on (``_retry_grids``); an argument so that a study of other grids
+        # (Resources/benchmarks/retry_grids.py) builds its own pipeline instead of changing the module's default
+        self.retry_factors = tuple(float(f) for f in retry_factors)
 
     @classmethod
     def from_files(cls, unet_path=None, e3cnn_path=None, device="auto", allow_pickle=False, refiner_path=None,
-                   residual_path=None):
+                   residual_path=None, retry_factors=DOUBT_RETRY_FACTORS):
         """Load the networks; ``None`` means the bundled default model (see ``models``).
 
         The refinement network comes from ``refiner_path``, else from the bundled model when its E3-CNN is used;
@@ -129,7 +133,7 @@ class Pipeline:
         if residual_path is not None:
             residual, residual_info = load_residual(residual_path)
         return cls(unet, e3cnn, unet_info, e3cnn_info, device, refiner=refiner, refiner_info=refiner_info,
-                   residual=residual, residual_info=residual_info)
+                   residual=residual, residual_info=residual_info, retry_factors=retry_factors)
 
     @property
     def warnings(self):
@@ -265,7 +269,7 @@ class Pipeline:
                     brain=brain, eyes=eyes, volume_ml=volume_ml, unet_spacing=float(unet_spacing))
 
     def _retry_grids(self, array, affine, x, unet_affine, fov, source, refine, step, first):
-        """A doubtful pose: the whole estimate again from the U-Net's masks on the ``DOUBT_RETRY_FACTORS`` grids;
+        """A doubtful pose: the whole estimate again from the U-Net's masks on the ``retry_factors`` grids;
         the pose with the highest pose logit is kept (its own doubt flag with it).
 
         Why: most doubtful poses come from a poor U-Net mask of a small or coarse head (the pose is then 2 deg
@@ -278,7 +282,7 @@ class Pipeline:
         from .errors import MaskAtBorder, NoBrainFound
 
         best, tried = first, [_retry_record(first)]
-        for factor in DOUBT_RETRY_FACTORS:
+        for factor in self.retry_factors:
             spacing = self.unet_spacing * factor
             if np.isclose(spacing, first["unet_spacing"]):
                 continue

@@ -153,7 +153,7 @@ def test_doubtful_pose_is_estimated_again_on_finer_grids(monkeypatch):
     res = pipe.run(image, case.affine)
     retry = res.confidence["refinement"]["grid_retry"]
     spacings = [t["unet_spacing_mm"] for t in retry["tried"]]
-    assert spacings == pytest.approx([pipe.unet_spacing] + [pipe.unet_spacing * f for f in P.DOUBT_RETRY_FACTORS])
+    assert spacings == pytest.approx([pipe.unet_spacing] + [pipe.unet_spacing * f for f in pipe.retry_factors])
     logits = [t["pose_logit"] for t in retry["tried"] if "pose_logit" in t]
     choice = res.confidence["refinement"]["residual"]["frame_choice"]
     assert choice["pose_logit"] == max(logits) and choice["doubtful"]

@@ -34,12 +34,12 @@ def test_attempts_are_kept_and_subsets_scored_as_the_pipeline_chooses(tmp_path, 
     model = default_model()
     if model.random_weights or model.residual is None:
         pytest.skip("no trained model with a residual network is bundled")
-    monkeypatch.setattr(P, "DOUBT_RETRY_FACTORS", P.DOUBT_RETRY_FACTORS)  # restored after the script overrides it
     monkeypatch.setattr(residual, "DOUBT_LOGIT", 1e6)  # every pose doubtful: every volume is retried
     data = tmp_path / "tune"
     assert cli(["synth", str(data), "--n", "2", "--seed", "9303", "--val-fraction", "0"]) == 0
     out = tmp_path / "out"
     rg = load_script()
+    shipped = P.DOUBT_RETRY_FACTORS
     assert rg.main([str(data), "-o", str(out), "--factors", "5/6", "4/6", "--grid-sets", "none", "5/6",
                     "5/6,4/6"]) == 0
     records = [json.loads(line) for line in (out / "attempts.jsonl").read_text().splitlines()]
@@ -48,8 +48,8 @@ def test_attempts_are_kept_and_subsets_scored_as_the_pipeline_chooses(tmp_path, 
     rows = {r["grids"]: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert set(rows) == {"none", "0.8333", "0.8333+0.6667"}
     first_errors, full_errors = [], []
-    monkeypatch.setattr(P, "DOUBT_RETRY_FACTORS", (5.0 / 6.0, 4.0 / 6.0))
-    pipe = P.Pipeline.from_files(None, None, device="cpu")
+    assert P.DOUBT_RETRY_FACTORS == shipped  # the script built its own pipeline; the default is untouched
+    pipe = P.Pipeline.from_files(None, None, device="cpu", retry_factors=(5.0 / 6.0, 4.0 / 6.0))
     for rec in records:
         spacings = [a["unet_spacing_mm"] for a in rec["attempts"]]
         assert spacings == pytest.approx([6.0, 5.0, 4.0])

@@ -55,8 +55,8 @@ def run_sets(set_dirs, factors, out_path) -> None:
     from E3PoseLogic.evaluate import read_ground_truth
     from E3PoseLogic.volume_io import find_nifti, load_volume
 
-    P.DOUBT_RETRY_FACTORS = tuple(factors)  # the superset; subsets are scored from the kept attempts
-    pipe = P.Pipeline.from_files(None, None, device="cpu")
+    # the superset of grids; its subsets are scored from the kept attempts
+    pipe = P.Pipeline.from_files(None, None, device="cpu", retry_factors=factors)
     lines = []
     for set_dir in map(Path, set_dirs):
         truth = read_ground_truth(set_dir / "poses.csv")
