@@ -194,7 +194,7 @@ def test_refinement_holds_when_the_brain_volume_is_a_third(heads, refiner):
     Started 25 deg and 5 mm off with a third of the true volume, the bundled refiner ends 3.9 to 9.8 deg off on
     these heads (median 5.3; 0.4 to 4.1 deg with the true volume), centre 1.4 to 3.3 mm (median 2.2). A guard
     against losing this, not a goal: a refiner trained with --scale-range 0.55 1.15 got 0.3 to 7.1 deg (median 2.2,
-    one pass) here but was not shipped (README: it reads real anatomy worse)."""
+    one pass) here but was not shipped (docs/accuracy_history.md: it reads real anatomy worse)."""
     from E3PoseLogic.rotation import geodesic_deg
 
     runs = _refine_heads(heads, refiner, TURN_25, np.array([3.0, -3.0, 2.5]), volume_factor=1.0 / 3.0)  # 4.9 mm off

@@ -5,7 +5,8 @@
 Each EVAL_DIR is an ``e3pose evaluate -o`` folder (its summary.json); NAME is how the card names the set (e.g.
 ``synthetic_full_pipeline``, ``synthetic_true_mask``, ``transfer_full_pipeline``). For every set the card gets the
 final (refined) and the network-only rotation statistics, the translation, the refinement's "made a good pose worse"
-count, the brain mask's Dice and centre error (when evaluated with ``--labels``), and the same per subgroup (standard / navigator-like / under 25 weeks), rounded for reading.
+count, the brain mask's Dice and centre error (when evaluated with ``--labels``), and the same per subgroup (standard / navigator-like / under 25 weeks), rounded for reading. The
+card's ``warning`` (what users are shown) is rewritten from these numbers (``warning_from``).
 """
 from __future__ import annotations
 
@@ -38,6 +39,37 @@ def block(summary):
     return out
 
 
+def _pct(x):
+    return f"{100 * x:.0f} %"
+
+
+def warning_from(card):
+    """The warning every output and the Slicer module show, with its numbers read from the card's held-out blocks
+    (``synthetic_full_pipeline``, and ``transfer_full_pipeline`` when present), so the two cannot drift apart.
+    None when the card has no synthetic block."""
+    held = card.get("held_out_test") or {}
+    syn = held.get("synthetic_full_pipeline")
+    if not syn:
+        return None
+
+    def rot(entry, group="all"):
+        return (entry.get(group) or {}).get("rotation_deg") or {}
+
+    text = ("trained on synthetic data only, small CPU-trained networks: on held-out synthetic volumes the refined median "
+            f"rotation error is {rot(syn)['median']:.1f} degrees ({rot(syn, 'standard')['median']:.1f} on standard "
+            f"volumes, {rot(syn, 'navigator')['median']:.1f} on navigator-like ones; {_pct(rot(syn)['failure_60'])} "
+            "off by more than 60 degrees, refused volumes included)")
+    trans = (syn.get("all") or {}).get("translation_mm") or {}
+    if trans.get("median") is not None:
+        text += f" and the median translation error {trans['median']:.1f} mm"
+    tra = held.get("transfer_full_pipeline")
+    if tra:
+        text += (f"; on real brain anatomy (MNI-based transfer set) {rot(tra)['median']:.1f} degrees median "
+                 f"({rot(tra, 'navigator')['median']:.1f} on navigator-like volumes) with "
+                 f"{_pct(rot(tra)['failure_60'])} off by more than 60")
+    return text + "; check every result; not validated on real fetal MRI; research use, not clinical"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("card")
@@ -58,6 +90,7 @@ def main(argv=None):
             entry[group] = block(sub)
         held[name] = entry
     card["held_out_test"] = held
+    card["warning"] = warning_from(card) or card.get("warning")
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     print(f"wrote {len(held)} sets into {card_path}")
 

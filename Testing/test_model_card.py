@@ -1,0 +1,60 @@
+"""The bundled model card: the warning users are shown states the card's own held-out numbers."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "Resources" / "training" / "card_accuracy.py"
+NOTES = ROOT / "Resources" / "training" / "default_model_notes.json"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("card_accuracy", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def summary(median, standard, navigator, fail60, trans=0.6):
+    """An ``e3pose evaluate`` summary.json as far as the card reads it."""
+    def group(m, f):
+        return {"n_cases": 10, "n_missing": 0, "rotation_error_deg": {"median": m, "failure_60": f, "n": 10},
+                "network_rotation_error_deg": None, "translation_error_mm": {"median": trans, "n": 10}}
+    return {**group(median, fail60), "by_subgroup": {"standard": group(standard, 0.0),
+                                                     "navigator": group(navigator, fail60)}}
+
+
+def test_bundled_warning_is_the_one_its_numbers_give():
+    from E3PoseLogic.models import default_model
+
+    model = default_model()
+    if model.random_weights:
+        pytest.skip("no trained model is bundled")
+    card = model.card
+    ca = load_script()
+    assert card["warning"] == ca.warning_from(card), "run card_accuracy.py again: the warning and the numbers differ"
+    # the recipe builds the card from the notes, then card_accuracy.py rewrites the warning: both say the same
+    assert json.loads(NOTES.read_text())["warning"] == card["warning"]
+
+
+def test_card_accuracy_writes_the_warning_from_the_sets(tmp_path):
+    ca = load_script()
+    for name, s in {"syn": summary(1.94, 1.2, 3.66, 0.03), "tra": summary(4.97, 3.3, 8.94, 0.081)}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(s))
+    card = tmp_path / "model_card.json"
+    card.write_text(json.dumps({"warning": "old text"}))
+    ca.main([str(card), "--set", "synthetic_full_pipeline", str(tmp_path / "syn")])
+    w = json.loads(card.read_text())["warning"]
+    assert "1.9 degrees (1.2 on standard volumes, 3.7 on navigator-like ones; 3 % off by more than 60" in w
+    assert "transfer" not in w and w.startswith("trained on synthetic data only")
+    ca.main([str(card), "--set", "synthetic_full_pipeline", str(tmp_path / "syn"),
+             "--set", "transfer_full_pipeline", str(tmp_path / "tra")])
+    w = json.loads(card.read_text())["warning"]
+    assert "(MNI-based transfer set) 5.0 degrees median (8.9 on navigator-like volumes) with 8 % off by more than 60" in w
+    # a card without a synthetic set keeps the warning it has
+    card.write_text(json.dumps({"warning": "old text"}))
+    ca.main([str(card), "--set", "transfer_full_pipeline", str(tmp_path / "tra")])
+    assert json.loads(card.read_text())["warning"] == "old text"
