@@ -96,12 +96,12 @@ def blob_phantom(shape=(40, 40, 40), seed=0):
     return (x / x.max()).astype(np.float32)
 
 
-def load_script(name):
-    """A script of ``Resources/benchmarks`` (not a package module) loaded as a module, e.g. ``load_script(
-    "make_transfer_set")``."""
+def load_script(name, folder="benchmarks"):
+    """A script of ``Resources/<folder>`` (not a package module) loaded as a module, e.g. ``load_script(
+    "make_transfer_set")`` or ``load_script("card_accuracy", "training")``."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "Resources" / "benchmarks" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / "Resources" / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

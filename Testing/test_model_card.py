@@ -1,20 +1,12 @@
 """The bundled model card: the warning users are shown states the card's own held-out numbers."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "Resources" / "training" / "card_accuracy.py"
-NOTES = ROOT / "Resources" / "training" / "default_model_notes.json"
+from _support import load_script
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("card_accuracy", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+NOTES = Path(__file__).resolve().parents[1] / "Resources" / "training" / "default_model_notes.json"
 
 
 def summary(median, standard, navigator, fail60, trans=0.6):
@@ -33,14 +25,14 @@ def test_bundled_warning_is_the_one_its_numbers_give():
     if model.random_weights:
         pytest.skip("no trained model is bundled")
     card = model.card
-    ca = load_script()
+    ca = load_script("card_accuracy", "training")
     assert card["warning"] == ca.warning_from(card), "run card_accuracy.py again: the warning and the numbers differ"
     # the recipe builds the card from the notes, then card_accuracy.py rewrites the warning: both say the same
     assert json.loads(NOTES.read_text())["warning"] == card["warning"]
 
 
 def test_card_accuracy_writes_the_warning_from_the_sets(tmp_path):
-    ca = load_script()
+    ca = load_script("card_accuracy", "training")
     for name, s in {"syn": summary(1.94, 1.2, 3.66, 0.03), "tra": summary(4.97, 3.3, 8.94, 0.081)}.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(s))

@@ -3,10 +3,8 @@ the attempt the pipeline itself keeps when it tries only that subset."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,14 +13,7 @@ from E3PoseLogic import pipeline as P
 from E3PoseLogic import residual
 from E3PoseLogic.models import default_model
 
-SCRIPT = Path(__file__).resolve().parents[1] / "Resources" / "benchmarks" / "retry_grids.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("retry_grids", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _support import load_script
 
 
 def test_attempts_are_kept_and_subsets_scored_as_the_pipeline_chooses(tmp_path, monkeypatch):
@@ -38,7 +29,7 @@ def test_attempts_are_kept_and_subsets_scored_as_the_pipeline_chooses(tmp_path, 
     data = tmp_path / "tune"
     assert cli(["synth", str(data), "--n", "2", "--seed", "9303", "--val-fraction", "0"]) == 0
     out = tmp_path / "out"
-    rg = load_script()
+    rg = load_script("retry_grids")
     shipped = P.DOUBT_RETRY_FACTORS
     assert rg.main([str(data), "-o", str(out), "--factors", "5/6", "4/6", "--grid-sets", "none", "5/6",
                     "5/6,4/6"]) == 0
