@@ -140,6 +140,16 @@ def load_residual(path):
     return _load_native_only(path, "residual", "a residual-network", ResidualConfig, ResidualNet)
 
 
+def load_judge(path):
+    """-> (ResidualNet in eval mode, info dict): the frame judge (``judge``), a residual network with the pose logit
+    (usually a wider view: ``config.fov``)."""
+    net, info = load_residual(path)
+    if not getattr(net.config, "pose_logit", False):
+        raise CheckpointError(path, "a residual network without the pose logit cannot judge frames "
+                                    "(train it with e3pose train-residual --pose-logit)")
+    return net, info
+
+
 def _load_native_only(path, kind, what, config_cls, net_cls):
     """A network that exists only in the native format: checked kind, strict weights, provenance as info."""
     obj = _torch_load(path, allow_pickle=False)

@@ -25,6 +25,7 @@ class ModelSpec:
     card: dict = field(default_factory=dict)
     refiner: Optional[Path] = None  # the refinement network (``refine``), when the model has one
     residual: Optional[Path] = None  # the residual network (``residual``), the refinement's last step
+    judge: Optional[Path] = None  # the frame judge (``judge``), checks the residual network's frame
 
     @property
     def random_weights(self):
@@ -51,9 +52,9 @@ def available_models():
             unet, e3 = d / "unet.pt", d / "e3cnn.pt"
             if unet.is_file() and e3.is_file():
                 card = json.loads((d / "model_card.json").read_text()) if (d / "model_card.json").is_file() else {}
-                ref, res = d / "refiner.pt", d / "residual.pt"
+                ref, res, jud = d / "refiner.pt", d / "residual.pt", d / "judge.pt"
                 out.append(ModelSpec(d.name, unet, e3, card, ref if ref.is_file() else None,
-                                     res if res.is_file() else None))
+                                     res if res.is_file() else None, jud if jud.is_file() else None))
     return out
 
 

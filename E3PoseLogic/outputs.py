@@ -62,6 +62,7 @@ def result_record(result, input_path=None):
         "mask_source": prov.get("mask_source"),
         "model": {"unet": prov.get("unet"), "e3cnn": prov.get("e3cnn"), "refiner": prov.get("refiner"),
                   "residual": prov.get("residual"),
+                  "judge": prov.get("judge"),
                   "trained": prov.get("trained")},
         "device": prov.get("device"),
         "e3pose_version": prov.get("e3pose_version"),

@@ -19,6 +19,7 @@ from .errors import E3PoseError
 from .preprocess import field_of_view, map_unet_mask_to_input, resample_to_grid, unet_input
 from .result import PoseResult
 from .refine import check_refine, refine_pose
+from .judge import judged_pose
 from .residual import correct_pose, frame_choice, mark_doubt
 from .rotation import axes_to_rotation, geodesic_deg, voxel_rotation, world_rotation
 from .segmentation import DEFAULT_THRESHOLDS, brain_and_eyes, check_mask, softmax
@@ -70,7 +71,7 @@ class Pipeline:
 
     def __init__(self, unet, e3cnn, unet_info=None, e3cnn_info=None, device="auto",
                  thresholds=DEFAULT_THRESHOLDS, refiner=None, refiner_info=None, residual=None, residual_info=None,
-                 retry_factors=DOUBT_RETRY_FACTORS):
+                 retry_factors=DOUBT_RETRY_FACTORS, judge=None, judge_info=None):
         import torch
 
         self.device = resolve_device(device)
@@ -88,13 +89,17 @@ class Pipeline:
         # the residual network: the refinement's last step (``residual``), CPU too (two 32^3 readings)
         self.residual = residual.eval() if residual is not None else None
         self.residual_info = dict(residual_info or {})
+        # the frame judge (``judge``): a wide-view pose logit that checks the refined frame and searches when it
+        # looks wrong; used only with a residual network
+        self.judge = judge.eval() if judge is not None and residual is not None else None
+        self.judge_info = dict(judge_info or {}) if self.judge is not None else {}
         # the grids a doubtful pose is made again on (``_retry_grids``); an argument so that a study of other grids
         # (Resources/benchmarks/retry_grids.py) builds its own pipeline instead of changing the module's default
         self.retry_factors = tuple(float(f) for f in retry_factors)
 
     @classmethod
     def from_files(cls, unet_path=None, e3cnn_path=None, device="auto", allow_pickle=False, refiner_path=None,
-                   residual_path=None, retry_factors=DOUBT_RETRY_FACTORS):
+                   residual_path=None, retry_factors=DOUBT_RETRY_FACTORS, judge_path=None):
         """Load the networks; ``None`` means the bundled default model (see ``models``).
 
         The refinement network comes from ``refiner_path``, else from the bundled model when its E3-CNN is used;
@@ -103,9 +108,9 @@ class Pipeline:
         refinement ends with the 2D network's reading.
         """
         from . import models
-        from .checkpoints import load_e3cnn, load_refiner, load_residual, load_unet
+        from .checkpoints import load_e3cnn, load_judge, load_refiner, load_residual, load_unet
 
-        refiner, refiner_info, residual, residual_info = None, None, None, None
+        refiner, refiner_info, residual, residual_info, judge, judge_info = None, None, None, None, None, None
         if unet_path is None or e3cnn_path is None:
             default = models.default_model()
             if default.random_weights:
@@ -121,6 +126,9 @@ class Pipeline:
                 if e3cnn_path is None and default.residual is not None:
                     residual, residual_info = load_residual(default.residual)
                     residual_info.update(model=default.label, warning=default.warning)
+                if e3cnn_path is None and default.judge is not None:
+                    judge, judge_info = load_judge(default.judge)
+                    judge_info.update(model=default.label, warning=default.warning)
             if unet_path is not None:
                 unet, unet_info = load_unet(unet_path, allow_pickle)
             if e3cnn_path is not None:
@@ -132,8 +140,11 @@ class Pipeline:
             refiner, refiner_info = load_refiner(refiner_path)
         if residual_path is not None:
             residual, residual_info = load_residual(residual_path)
+        if judge_path is not None:
+            judge, judge_info = load_judge(judge_path)
         return cls(unet, e3cnn, unet_info, e3cnn_info, device, refiner=refiner, refiner_info=refiner_info,
-                   residual=residual, residual_info=residual_info, retry_factors=retry_factors)
+                   residual=residual, residual_info=residual_info, retry_factors=retry_factors, judge=judge,
+                   judge_info=judge_info)
 
     @property
     def warnings(self):
@@ -253,9 +264,18 @@ class Pipeline:
                         self.residual, array, affine, translation, rotation, volume_ml, move_centre=move_centre,
                         others=[network["rotation"]], plane_cfg=self.refiner.config)
                     choice = refinement["residual"].get("frame_choice")
+                    judged = None
+                    if self.judge is not None:
+                        rotation, translation, judged = judged_pose(
+                            self.judge, self.residual, array, affine, translation, rotation, volume_ml,
+                            move_centre=move_centre, plane_cfg=self.refiner.config)
+                        refinement["judge"] = judged
                     if choice is not None and box.shape == "cube":
                         reread = self.recentred_rotation(x, box, unet_affine, translation, affine)
-                        mark_doubt(choice, geodesic_deg(reread, rotation))
+                        mark_doubt(choice, geodesic_deg(reread, rotation),
+                                   judge_logit=judged["logit"] if judged else None)
+                    elif choice is not None and judged:
+                        mark_doubt(choice, judge_logit=judged["logit"])
                     refinement.update(angle_moved_deg=geodesic_deg(network["rotation"], rotation),
                                       centre_moved_mm=float(np.linalg.norm(translation - network["translation"])))
                 else:
@@ -379,11 +399,17 @@ class Pipeline:
                         "unet": dict(self.unet_info), "e3cnn": dict(self.e3cnn_info),
                         "refiner": dict(self.refiner_info) if self.refiner is not None else None,
                         "residual": dict(self.residual_info) if self.residual is not None else None,
+                        "judge": dict(self.judge_info) if self.judge is not None else None,
                         "trained": self.is_trained},
         )
 
 
 def _pose_logit(pose) -> float:
+    """What the grid retry ranks attempts by: the frame judge's logit of the final frame when the model has a
+    judge, else the residual network's."""
+    judged = pose["refinement"].get("judge") if isinstance(pose["refinement"], dict) else None
+    if isinstance(judged, dict) and "logit" in judged:
+        return float(judged["logit"])
     return float(frame_choice(pose["refinement"]).get("pose_logit", -np.inf))
 
 

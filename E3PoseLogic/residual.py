@@ -70,11 +70,17 @@ DOUBT_DISAGREEMENT_DEG = 60.0  # the E3-CNN read again about the final centre (c
 # the pose logit does not tell them apart), so the pose is kept and flagged.
 
 
-def mark_doubt(choice, disagreement_deg=None):
-    """Set ``choice["doubtful"]`` (and ``doubt_reasons``) from the pose logit and, when given, the re-read E3-CNN's
-    disagreement with the final pose."""
+def mark_doubt(choice, disagreement_deg=None, judge_logit=None):
+    """Set ``choice["doubtful"]`` (and ``doubt_reasons``) from the pose logit (the frame judge's, when the model
+    has one: ``judge.DOUBT_BELOW``) and, when given, the re-read E3-CNN's disagreement with the final pose."""
+    from . import judge
+
     reasons = []
-    if choice["pose_logit"] < DOUBT_LOGIT:
+    if judge_logit is not None:
+        choice["judge_logit"] = float(judge_logit)
+        if judge_logit < judge.DOUBT_BELOW:
+            reasons.append("judge_logit")
+    elif choice["pose_logit"] < DOUBT_LOGIT:
         reasons.append("pose_logit")
     if disagreement_deg is not None:
         choice["e3cnn_disagreement_deg"] = float(disagreement_deg)
@@ -103,8 +109,11 @@ def doubt_details(choice, unit=" deg") -> str:
     if not isinstance(choice, dict):
         return ""
     why = []
+    judged = number(choice.get("judge_logit"))
     logit = number(choice.get("pose_logit"))
-    if logit is not None:
+    if judged is not None:
+        why.append(f"judge logit {judged:.1f}")
+    elif logit is not None:
         why.append(f"pose logit {logit:.1f}")
     away = number(choice.get("e3cnn_disagreement_deg"))
     if away is not None and "e3cnn_disagreement" in (choice.get("doubt_reasons") or ()):
@@ -132,10 +141,11 @@ def choose_frame(net, array, ijk_to_ras, centre, rotation, radius, others=()):
 
 
 def correct_pose(net, array, ijk_to_ras, centre, rotation, brain_ml, steps=None, move_centre=True, others=(),
-                 plane_cfg=None):
+                 plane_cfg=None, choose=True):
     """-> (rotation, translation, info): the pose after ``steps`` (default ``RESIDUAL_STEPS``) readings of the
     residual network ``net`` (``ResidualNet``, eval). ``move_centre=False`` keeps the given centre. A network with
-    the pose logit first picks the frame to start from (``choose_frame``, with ``others``).
+    the pose logit first picks the frame to start from (``choose_frame``, with ``others``), unless ``choose`` is
+    False (the frame judge's search hands it starts it has already chosen).
 
     ``plane_cfg`` (the refinement network's cube geometry): on volumes finer than navigator-like ones, the head's
     mirror plane has the last word on e_x (``refine.snap_to_mirror_plane``): symmetry is a property of every head,
@@ -153,7 +163,7 @@ def correct_pose(net, array, ijk_to_ras, centre, rotation, brain_ml, steps=None,
     radius = equivalent_radius(brain_ml)
     rot0, centre0 = np.asarray(rotation, dtype=np.float64), np.asarray(centre, dtype=np.float64)
     rot, cen, done, chosen, reading = rot0, centre0, [], None, None
-    if getattr(net.config, "pose_logit", False):
+    if choose and getattr(net.config, "pose_logit", False):
         rot, chosen, reading = choose_frame(net, array, ijk_to_ras, cen, rot, radius, others)
     for _ in range(steps):
         if reading is None:  # the first step reuses choose_frame's reading of the chosen frame (the same input)

@@ -239,8 +239,9 @@ def test_train_residual_pose_logit_from_a_residual_network(tmp_path):
 
 
 def test_infer_names_doubtful_poses(tmp_path):
-    """A residual network whose pose logit is always low: every pose is marked doubtful in the JSON and named by
-    e3pose infer, and the outputs are still written."""
+    """A residual network whose pose logit is always low, used as the frame judge too (the judge's logit is then the
+    doubt flag's): every pose is marked doubtful in the JSON and named by e3pose infer, and the outputs are still
+    written."""
     import torch
 
     from E3PoseLogic.checkpoints import save_native
@@ -255,12 +256,16 @@ def test_infer_names_doubtful_poses(tmp_path):
     save_native(tmp_path / "doubt.pt", net, "residual", {"trained_on": "test"})
     out = tmp_path / "out"
     r = _run("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", "--residual",
-             tmp_path / "doubt.pt", cwd=tmp_path)
+             tmp_path / "doubt.pt", "--judge", tmp_path / "doubt.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "CHECK" in r.stderr and "doubtful (check these first): sample_head" in r.stderr
+    assert "judge logit -10.0" in r.stderr
     rec = json.loads((out / "sample_head.json").read_text())
     choice = rec["confidence"]["refinement"]["residual"]["frame_choice"]
     assert choice["doubtful"] and choice["pose_logit"] == pytest.approx(-10.0, abs=1e-4) and not choice["switched"]
+    assert choice["judge_logit"] == pytest.approx(-10.0, abs=1e-4) and "judge_logit" in choice["doubt_reasons"]
+    judged = rec["confidence"]["refinement"]["judge"]
+    assert judged["searched"] and not judged["switched"]  # every searched frame is as implausible
 
 
 def test_doubt_rules():
@@ -277,3 +282,9 @@ def test_doubt_rules():
     assert mark_doubt({"pose_logit": lo})["doubt_reasons"] == ["pose_logit"]
     both = mark_doubt({"pose_logit": lo}, 170.0)
     assert both["doubtful"] and both["doubt_reasons"] == ["pose_logit", "e3cnn_disagreement"]
+    # with a frame judge its logit decides instead of the residual network's
+    from E3PoseLogic.judge import DOUBT_BELOW
+
+    judged = mark_doubt({"pose_logit": lo}, judge_logit=DOUBT_BELOW + 1.0)
+    assert not judged["doubtful"] and judged["judge_logit"] == DOUBT_BELOW + 1.0
+    assert mark_doubt({"pose_logit": hi}, judge_logit=DOUBT_BELOW - 1.0)["doubt_reasons"] == ["judge_logit"]

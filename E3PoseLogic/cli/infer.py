@@ -49,6 +49,10 @@ def add_refine_arguments(p):
     p.add_argument("--residual", metavar="N",
                    help="residual network weights, the refinement's last step (native .pt from e3pose "
                         "train-residual); default: the bundled model's, when the bundled E3-CNN is used")
+    p.add_argument("--judge", metavar="J",
+                   help="frame judge weights (a residual network with the pose logit, usually a wider view: "
+                        "e3pose train-residual --pose-logit --fov 6); default: the bundled model's, when the "
+                        "bundled E3-CNN is used")
 
 
 def load_pipeline(args):
@@ -56,7 +60,8 @@ def load_pipeline(args):
 
     pipe = Pipeline.from_files(args.unet, args.e3cnn, device=args.device, allow_pickle=args.allow_pickle,
                                refiner_path=getattr(args, "refiner", None),
-                               residual_path=getattr(args, "residual", None))
+                               residual_path=getattr(args, "residual", None),
+                               judge_path=getattr(args, "judge", None))
     if pipe.refine_mode(getattr(args, "refine", "auto")) == "auto" and pipe.refiner is None:  # "on": raises
         print("note: this model has no refinement network: the poses are the E3-CNN's alone (--refine auto)",
               file=sys.stderr)

@@ -20,10 +20,15 @@ def register(sub):
     p.add_argument("--pose-logit", action="store_true",
                    help="also learn whether the frame is near the head's (a quarter of each batch is frames turned "
                         "far off); the refinement then ranks its hypotheses with it")
+    p.add_argument("--fov", type=float, default=3.2, metavar="RADII",
+                   help="input cube side in brain radii (default 3.2, the residual network; the frame judge reads "
+                        "6: skull, face, neck and the body's direction)")
     p.set_defaults(func=run)
 
 
 def run(args):
+    import sys
+
     import numpy as np
 
     from ..checkpoints import load_residual
@@ -31,14 +36,19 @@ def run(args):
     from ..training.residual_trainer import prepare, train
 
     name = "e3pose train-residual"
+    if not 1.0 <= args.fov <= 12.0:
+        print(f"{name}: --fov must be between 1 and 12 brain radii, not {args.fov}", file=sys.stderr)
+        return 2
     found = cube_training.training_volumes(args, name, load_residual)
     if found == 2:
         return 2
     images, labels, truth = found
     rng = np.random.default_rng([args.seed, 1])
-    cubes = cube_training.resample(lambda progress: prepare(images, labels, truth, rng, progress=progress), images)
+    cfg = ResidualConfig(fov=args.fov, pose_logit=args.pose_logit)
+    cubes = cube_training.resample(lambda progress: prepare(images, labels, truth, rng, progress=progress, cfg=cfg),
+                                   images)
     trained_on = args.trained_on or f"{len(cubes)} annotated volumes from {args.train_img}"
-    path = train(cubes, args.outdir, ResidualConfig(pose_logit=args.pose_logit), args.minutes,
+    path = train(cubes, args.outdir, cfg, args.minutes,
                  provenance={"trained_on": trained_on}, **cube_training.train_kwargs(args))
     print(f"{name}: wrote {path}")
     return 0

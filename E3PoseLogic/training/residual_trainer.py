@@ -25,11 +25,19 @@ class _CubeGeometry:  # what refine.local_cube reads
 TRAIN_CUBE = _CubeGeometry()
 
 
-def prepare(images, labels, truth, rng, progress=None):
+def train_cube(cfg=None):
+    """The training cube for a network input ``cfg.fov`` radii wide: 1.375 fov wide (the input ball turned, shifted
+    and scaled stays inside), about 70 voxels a side whatever the fov (``TRAIN_CUBE`` for the default 3.2)."""
+    if cfg is None or cfg.fov == 3.2:
+        return TRAIN_CUBE
+    return _CubeGeometry(cube_side=1.375 * cfg.fov, cube_voxels_per_radius=16.0 * 3.2 / cfg.fov)
+
+
+def prepare(images, labels, truth, rng, progress=None, cfg=None):
     """[(cube, spacing, radius, centre error)]: see ``refiner_trainer.prepare_cubes``."""
     from .refiner_trainer import prepare_cubes
 
-    return prepare_cubes(images, labels, truth, TRAIN_CUBE, rng, centre_sd_mm=2.0, progress=progress)
+    return prepare_cubes(images, labels, truth, train_cube(cfg), rng, centre_sd_mm=2.0, progress=progress)
 
 
 def random_rotvec(rng, small_sd_deg=8.0, large_deg=45.0, large_fraction=0.4):

@@ -3,7 +3,7 @@
 # make it again. Run from an empty working folder with the E3Pose venv active:  bash /path/to/default_model_cpu.sh
 # About 25 min of data generation, 7.5 h of training on 2 cores (U-Net phase 1, 30 epochs, beside the E3-CNN's 23, each
 # re-reading its data once per epoch (see run_to); U-Net phase 2, 15 epochs, about 30 min; then the refiner, about
-# 80 min, and the residual network, about 90 min), 10 min of testing.
+# 80 min, the residual network, about 90 min, and the frame judge, 18 min), 10 min of testing.
 # Everything is synthetic (e3pose synth): the resulting model is labelled as trained on synthetic data.
 #
 # The last phase of each network starts (--init) from the intermediate checkpoints in init/ (see init/README.md), with
@@ -44,6 +44,9 @@ e3pose synth raw/s58 --n 150 --seed 58 $V
 e3pose synth raw/s59 --n 75 --seed 59 --navigator $V
 e3pose synth raw/s60 --n 100 --seed 60 --navigator --val-fraction 0
 e3pose synth raw/s61 --n 80 --seed 61 --navigator --ga-range 20 27 $V
+# the frame judge (session 19) adds navigator-like heads of 20-26 weeks, varied (71) and plain (72)
+e3pose synth raw/s71 --n 150 --seed 71 --navigator --ga-range 20 26 $V
+e3pose synth raw/s72 --n 100 --seed 72 --navigator --ga-range 20 26 --val-fraction 0
 e3pose synth raw/s21 --n 100 --seed 21 --val-fraction 0
 e3pose synth raw/s22 --n 100 --seed 22 --navigator --val-fraction 0
 python - <<'PY'
@@ -66,7 +69,7 @@ merge("train", [1, 2, 3, 4]); merge("val", [11, 12]); merge("train_ref", [1, 2, 
 merge("dev", [31, 32]); merge("test", [41, 42]); merge("test2122", [21, 22])
 merge("train_unet2", [1, 2, 4, 55, 56, 57]); merge("val_unet2", [63, 64, 31, 32])
 merge("train_e3", [1, 2, 3, 4, 55, 56, 57]); merge("val_e3", [11, 12, 63, 64])
-merge("train_e6", [1, 2, 3, 4, 55, 56, 57, 58, 59, 60, 61])
+merge("train_e6", [1, 2, 3, 4, 55, 56, 57, 58, 59, 60, 61]); merge("train_r6", [1, 4, 57, 61, 71, 72])
 PY
 cat train/poses.csv > ann.csv; tail -n +2 val/poses.csv >> ann.csv
 cat train_e3/poses.csv > ann_e3.csv; tail -n +2 val_e3/poses.csv >> ann_e3.csv
@@ -181,12 +184,18 @@ e3pose train-residual train_unet2/images train_unet2/labels train_unet2/poses.cs
 # mirror-plane snap on finer volumes were chosen on the tuning set (dev/)
 e3pose train-residual train_unet2/images train_unet2/labels train_unet2/poses.csv runs/residual --steps 2800 \
     --seed 6 --lr 5e-4 --pose-logit --init runs/residual_p1/residual.pt --threads 2 --trained-on "$RST"
+# the frame judge (judge.py): the residual network's architecture reading 6 brain radii, pose logit, 2,000 steps from
+# the residual network on a set weighted to young navigator-like heads, Adam 5e-4, seed 25, 2 threads, 18 min. Its
+# thresholds (SEARCH_BELOW, SWITCH_MARGIN in judge.py) were set on the tuning sets (seeds 31-36)
+RJ="synthetic fetal heads (e3pose synth seeds 1, navigator-like 4; varied anatomy navigator-like 57, varied navigator-like 20-27 weeks 61, varied navigator-like 20-26 weeks 71, navigator-like 20-26 weeks 72: 590 volumes)"
+e3pose train-residual train_r6/images train_r6/labels train_r6/poses.csv runs/judge --steps 2000 --fov 6 \
+    --seed 25 --lr 5e-4 --pose-logit --init runs/residual/residual.pt --threads 2 --trained-on "$RJ"
 
 # 3. held-out test (test/: seeds 41 + 42n): the whole pipeline with refinement, and with the true brain mask (label 1
 #    of the label maps). With the bundled model instead of the run folders: drop $M (refinement is on by default with
 #    the bundled refiner), e.g.  e3pose infer test/images -o pred  and  e3pose evaluate pred test/poses.csv -o ev --labels test/labels  # + the U-Net mask's Dice and centre error
 #    dev/ (seeds 31 + 32n) is for tuning; never report it as held-out.
-M="--unet runs/unet/best.pt --e3cnn runs/e3cnn/best.pt --refiner runs/refiner/refiner.pt --residual runs/residual/residual.pt"
+M="--unet runs/unet/best.pt --e3cnn runs/e3cnn/best.pt --refiner runs/refiner/refiner.pt --residual runs/residual/residual.pt --judge runs/judge/residual.pt"
 e3pose infer test/images -o pred $M -q || true  # exit code = refused volumes; evaluate counts them as failures
 e3pose evaluate pred test/poses.csv -o ev
 e3pose infer test/images -o pred_gt --mask-dir test/labels $M -q || true

@@ -2,7 +2,8 @@
 
     python make_model_card.py RUNS EVAL EVAL_GT PRED OUT_DIR --notes notes.json
 
-RUNS holds unet/ and e3cnn/ training folders (and refiner/ and residual/, whose .pt files are copied when present);
+RUNS holds unet/ and e3cnn/ training folders (and refiner/, residual/ and judge/, whose .pt files are copied when
+present);
 EVAL / EVAL_GT are ``e3pose evaluate`` outputs of the whole pipeline and of the E3-CNN with the true brain mask; PRED
 is the pipeline's prediction folder (for the timings). Held-out numbers are split by acquisition (frame-id prefix) as well
 as pooled. Each network's card entry is its checkpoint's provenance, plus the training command as run (from the run's
@@ -112,6 +113,10 @@ def main():
         shutil.copy(a.runs / "residual" / "residual.pt", a.out / "residual.pt")
         cards["residual"] = brief_refiner(torch.load(a.out / "residual.pt", map_location="cpu", weights_only=True))
         nets.append("residual")
+    if (a.runs / "judge" / "residual.pt").is_file():  # the frame judge: a residual network reading a wider view
+        shutil.copy(a.runs / "judge" / "residual.pt", a.out / "judge.pt")
+        cards["judge"] = brief_refiner(torch.load(a.out / "judge.pt", map_location="cpu", weights_only=True))
+        nets.append("judge")
     shutil.copy(a.eval / "summary.json", a.out / "heldout_summary_full_pipeline.json")
     shutil.copy(a.eval_gt / "summary.json", a.out / "heldout_summary_gt_mask.json")
     card = {
