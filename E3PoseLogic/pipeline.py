@@ -404,13 +404,17 @@ class Pipeline:
         )
 
 
-def _pose_logit(pose) -> float:
+def rank_logit(refinement) -> float:
     """What the grid retry ranks attempts by: the frame judge's logit of the final frame when the model has a
-    judge, else the residual network's."""
-    judged = pose["refinement"].get("judge") if isinstance(pose["refinement"], dict) else None
+    judge, else the residual network's pose logit (-inf without either)."""
+    judged = refinement.get("judge") if isinstance(refinement, dict) else None
     if isinstance(judged, dict) and "logit" in judged:
         return float(judged["logit"])
-    return float(frame_choice(pose["refinement"]).get("pose_logit", -np.inf))
+    return float(frame_choice(refinement).get("pose_logit", -np.inf))
+
+
+def _pose_logit(pose) -> float:
+    return rank_logit(pose["refinement"])
 
 
 def attempt_record(unet_spacing, refinement, volume_ml, rotation, rotation_voxel, translation) -> dict:
@@ -419,7 +423,7 @@ def attempt_record(unet_spacing, refinement, volume_ml, rotation, rotation_voxel
     pose that was not retried this way)."""
     choice = frame_choice(refinement)
     return {"unet_spacing_mm": float(unet_spacing), "pose_logit": float(choice.get("pose_logit", -np.inf)),
-            "doubtful": bool(choice.get("doubtful")), "brain_volume_ml": float(volume_ml),
+            "rank_logit": rank_logit(refinement), "doubtful": bool(choice.get("doubtful")), "brain_volume_ml": float(volume_ml),
             "rotation_ras": np.asarray(rotation, dtype=float).tolist(),
             "rotation_voxel": np.asarray(rotation_voxel, dtype=float).tolist(),
             "translation_ras": np.asarray(translation, dtype=float).tolist()}

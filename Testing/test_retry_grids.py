@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from E3PoseLogic import pipeline as P
-from E3PoseLogic import residual
+from E3PoseLogic import judge, residual
 from E3PoseLogic.models import default_model
 
 from _support import load_script
@@ -26,6 +26,7 @@ def test_attempts_are_kept_and_subsets_scored_as_the_pipeline_chooses(tmp_path, 
     if model.random_weights or model.residual is None:
         pytest.skip("no trained model with a residual network is bundled")
     monkeypatch.setattr(residual, "DOUBT_LOGIT", 1e6)  # every pose doubtful: every volume is retried
+    monkeypatch.setattr(judge, "DOUBT_BELOW", 1e6)  # (the frame judge's rule, when the model has one)
     data = tmp_path / "tune"
     assert cli(["synth", str(data), "--n", "2", "--seed", "9303", "--val-fraction", "0"]) == 0
     out = tmp_path / "out"
