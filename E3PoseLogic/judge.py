@@ -22,7 +22,6 @@ SEARCH_ROTATIONS = 512  # random rotations (fixed seed): neighbours about 20 deg
 SEARCH_SEED = 7
 SEARCH_STARTS = 4  # the best-judged rotations (at least ``DISTINCT_DEG`` apart) handed to the residual network
 DISTINCT_DEG = 30.0
-BATCH = 128
 
 
 @lru_cache(maxsize=2)
@@ -34,20 +33,12 @@ def search_rotations(n=SEARCH_ROTATIONS, seed=SEARCH_SEED):
 
 
 def judge_logits(judge, array, ijk_to_ras, centre, rotations, radius):
-    """The judge's pose logit of each frame (columns = head axes) about ``centre``: mirror-averaged like
-    ``residual.read_residual``, batched."""
-    import torch
-
-    from .residual import residual_input
+    """The judge's pose logit of each frame (columns = head axes) about ``centre``, mirror-averaged
+    (``residual.read_residuals``)."""
+    from .residual import read_residuals, residual_input
 
     xs = np.stack([residual_input(array, ijk_to_ras, centre, r, radius, judge.config) for r in rotations])
-    xs = np.concatenate([xs, xs[:, ::-1]])[:, None]
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(xs), BATCH):
-            out.append(judge(torch.from_numpy(np.ascontiguousarray(xs[i:i + BATCH]))).double().numpy()[:, 6])
-    o = np.concatenate(out)
-    return (o[:len(rotations)] + o[len(rotations):]) / 2.0
+    return read_residuals(judge, xs)[2]
 
 
 def distinct_best(rotations, logits, k=SEARCH_STARTS, min_deg=DISTINCT_DEG):

@@ -270,12 +270,12 @@ class Pipeline:
                             self.judge, self.residual, array, affine, translation, rotation, volume_ml,
                             move_centre=move_centre, plane_cfg=self.refiner.config)
                         refinement["judge"] = judged
-                    if choice is not None and box.shape == "cube":
-                        reread = self.recentred_rotation(x, box, unet_affine, translation, affine)
-                        mark_doubt(choice, geodesic_deg(reread, rotation),
-                                   judge_logit=judged["logit"] if judged else None)
-                    elif choice is not None and judged:
-                        mark_doubt(choice, judge_logit=judged["logit"])
+                    if choice is not None and (box.shape == "cube" or judged):
+                        away = None
+                        if box.shape == "cube":
+                            reread = self.recentred_rotation(x, box, unet_affine, translation, affine)
+                            away = geodesic_deg(reread, rotation)
+                        mark_doubt(choice, away, judge_logit=judged["logit"] if judged else None)
                     refinement.update(angle_moved_deg=geodesic_deg(network["rotation"], rotation),
                                       centre_moved_mm=float(np.linalg.norm(translation - network["translation"])))
                 else:
@@ -290,7 +290,7 @@ class Pipeline:
 
     def _retry_grids(self, array, affine, x, unet_affine, fov, source, refine, step, first):
         """A doubtful pose: the whole estimate again from the U-Net's masks on the ``retry_factors`` grids;
-        the pose with the highest pose logit is kept (its own doubt flag with it).
+        the pose with the highest ``rank_logit`` is kept (its own doubt flag with it).
 
         Why: most doubtful poses come from a poor U-Net mask of a small or coarse head (the pose is then 2 deg
         median with the true mask); the same U-Net on a finer grid often draws a better one. Tuning set (168
@@ -316,7 +316,7 @@ class Pipeline:
             pose = self._pose_from_mask(array, affine, x, unet_affine, brain, eyes, volume_ml, spacing, refine, True,
                                         _Clock({}), lambda *a: None)
             tried.append(_retry_record(pose))
-            if _pose_logit(pose) > _pose_logit(best):
+            if rank_logit(pose["refinement"]) > rank_logit(best["refinement"]):
                 best = pose
         best["refinement"]["grid_retry"] = {"tried": tried, "chosen_unet_spacing_mm": best["unet_spacing"]}
         return best
@@ -413,17 +413,14 @@ def rank_logit(refinement) -> float:
     return float(frame_choice(refinement).get("pose_logit", -np.inf))
 
 
-def _pose_logit(pose) -> float:
-    return rank_logit(pose["refinement"])
-
-
 def attempt_record(unet_spacing, refinement, volume_ml, rotation, rotation_voxel, translation) -> dict:
     """One pose attempt as the grid retry lists it (``grid_retry.tried``): enough to score another way of choosing
     among the attempts offline against annotations (``Resources/benchmarks/retry_grids.py``, which also records a
     pose that was not retried this way)."""
     choice = frame_choice(refinement)
     return {"unet_spacing_mm": float(unet_spacing), "pose_logit": float(choice.get("pose_logit", -np.inf)),
-            "rank_logit": rank_logit(refinement), "doubtful": bool(choice.get("doubtful")), "brain_volume_ml": float(volume_ml),
+            "rank_logit": rank_logit(refinement), "doubtful": bool(choice.get("doubtful")),
+            "brain_volume_ml": float(volume_ml),
             "rotation_ras": np.asarray(rotation, dtype=float).tolist(),
             "rotation_voxel": np.asarray(rotation_voxel, dtype=float).tolist(),
             "translation_ras": np.asarray(translation, dtype=float).tolist()}

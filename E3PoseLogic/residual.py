@@ -49,14 +49,25 @@ def residual_input(array, ijk_to_ras, centre, rotation, radius, cfg):
 def read_residual(net, x):
     """(rotation vector rad, centre step in radii, pose logit or None) of one input, in the input's frame, averaged
     with the reading of its left-right mirror image (rotation vector (x, -y, -z), centre (-x, y, z) there)."""
+    rv, c, logit = read_residuals(net, x[None])
+    return rv[0], c[0], (float(logit[0]) if logit is not None else None)
+
+
+def read_residuals(net, xs, batch=128):
+    """``read_residual`` of inputs [N, S, S, S] -> (rotation vectors [N, 3], centre steps [N, 3], pose logits [N] or
+    None), in forwards of up to ``batch`` cubes (the inputs, then their mirror images)."""
     import torch
 
-    xs = np.ascontiguousarray(np.stack([x, x[::-1]]))[:, None]
+    xs = np.asarray(xs)
+    n = len(xs)
+    both = np.concatenate([xs, xs[:, ::-1]])[:, None]
     with torch.inference_mode():
-        o = net(torch.from_numpy(xs)).double().numpy()
-    rv = (o[0, :3] + o[1, :3] * np.array([1.0, -1.0, -1.0])) / 2.0 * ROTVEC_UNIT
-    c = (o[0, 3:6] + o[1, 3:6] * np.array([-1.0, 1.0, 1.0])) / 2.0 * CENTRE_UNIT
-    return rv, c, (float(o[:, 6].mean()) if o.shape[1] > 6 else None)
+        o = np.concatenate([net(torch.from_numpy(np.ascontiguousarray(both[i:i + batch]))).double().numpy()
+                            for i in range(0, 2 * n, batch)])
+    a, m = o[:n], o[n:]
+    rv = (a[:, :3] + m[:, :3] * np.array([1.0, -1.0, -1.0])) / 2.0 * ROTVEC_UNIT
+    c = (a[:, 3:6] + m[:, 3:6] * np.array([-1.0, 1.0, 1.0])) / 2.0 * CENTRE_UNIT
+    return rv, c, ((a[:, 6] + m[:, 6]) / 2.0 if o.shape[1] > 6 else None)
 
 
 HALF_TURNS = (np.diag([1.0, -1.0, -1.0]), np.diag([-1.0, 1.0, -1.0]), np.diag([-1.0, -1.0, 1.0]))

@@ -106,3 +106,12 @@ def load_script(name, folder="benchmarks"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_cli(*args, cwd):
+    """``python -m E3PoseLogic ARGS`` in a fresh process (paths and numbers as text), output captured."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "E3PoseLogic", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)

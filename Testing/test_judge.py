@@ -2,11 +2,10 @@
 judge, that it tells a head's frame from a turned one and finds the frame again from far away."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+
+from _support import run_cli
 
 pytest.importorskip("torch")
 
@@ -77,23 +76,18 @@ def test_judge_file_errors_name_the_file(tmp_path):
     assert net.config.fov == 6.0
 
 
-def _run(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "E3PoseLogic", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
-
-
 def test_train_residual_fov_writes_a_wide_judge(tmp_path):
     from E3PoseLogic.checkpoints import load_judge
 
     data, out = tmp_path / "data", tmp_path / "run"
-    assert _run("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0, cwd=tmp_path).returncode == 0
+    assert run_cli("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0, cwd=tmp_path).returncode == 0
     args = ["train-residual", data / "images", data / "labels", data / "poses.csv", out, "--batch-size", 4,
             "--pose-logit", "--steps", 1]
-    r = _run(*args, "--fov", 6, cwd=tmp_path)
+    r = run_cli(*args, "--fov", 6, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     net, info = load_judge(out / "residual.pt")
     assert net.config.fov == 6.0 and info["steps"] == 1
-    bad = _run(*args, "--fov", 0.5, cwd=tmp_path)
+    bad = run_cli(*args, "--fov", 0.5, cwd=tmp_path)
     assert bad.returncode == 2 and "--fov must be between" in bad.stderr
 
 
@@ -156,12 +150,12 @@ def test_pipeline_reports_the_judge(tmp_path):
     if spec.judge is None:
         pytest.skip("the bundled model has no frame judge")
     out = tmp_path / "out"
-    r = _run("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", cwd=tmp_path)
+    r = run_cli("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "sample_head.json").read_text())
     judged = rec["confidence"]["refinement"]["judge"]
     assert judged["logit"] >= judged["refined_logit"] and isinstance(judged["searched"], bool)
     assert rec["model"]["judge"]["sha256"]
-    bad = _run("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", tmp_path / "bad", "--device", "cpu", "-q",
+    bad = run_cli("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", tmp_path / "bad", "--device", "cpu", "-q",
                "--judge", spec.refiner, cwd=tmp_path)
     assert bad.returncode != 0 and "refiner.pt" in bad.stderr and "not a residual-network checkpoint" in bad.stderr

@@ -6,13 +6,11 @@ accuracy tests use the refinement network that ships with the bundled model.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from _support import rotation, true_brain_ml
+from _support import rotation, run_cli, true_brain_ml
 
 pytest.importorskip("torch")
 
@@ -288,8 +286,7 @@ def small_random_model(tmp_path_factory):
 
 
 def _infer(args, cwd):
-    return subprocess.run([sys.executable, "-m", "E3PoseLogic", "infer", *args], cwd=cwd, capture_output=True,
-                          text=True)
+    return run_cli("infer", *args, cwd=cwd)
 
 
 def test_checkpoints_without_refiner_run_unrefined_and_say_so(small_random_model, tmp_path):
@@ -328,8 +325,7 @@ def test_train_refiner_writes_a_loadable_network_and_resumes(tmp_path):
     from E3PoseLogic.checkpoints import load_refiner
 
     data, out = tmp_path / "data", tmp_path / "run"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "E3PoseLogic", *map(str, a)], capture_output=True,  # noqa: E731
-                                    text=True, cwd=tmp_path)
+    run = lambda *a: run_cli(*a, cwd=tmp_path)  # noqa: E731
     r = run("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0)
     assert r.returncode == 0, r.stderr
     args = ["train-refiner", data / "images", data / "labels", data / "poses.csv", out, "--batch-size", 2]
@@ -391,8 +387,7 @@ def test_plane_logit_training_from_a_refiner(tmp_path):
     base = SagittalNet(SagittalConfig(n_feat=4))
     save_native(tmp_path / "base.pt", base, "refiner", {"trained_on": "test"})
     data, out = tmp_path / "data", tmp_path / "run"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "E3PoseLogic", *map(str, a)], capture_output=True,  # noqa: E731
-                                    text=True, cwd=tmp_path)
+    run = lambda *a: run_cli(*a, cwd=tmp_path)  # noqa: E731
     r = run("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0)
     assert r.returncode == 0, r.stderr
     args = ["train-refiner", data / "images", data / "labels", data / "poses.csv", out, "--batch-size", 4,

@@ -7,13 +7,11 @@ bundled model.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from _support import rotation
+from _support import rotation, run_cli
 
 pytest.importorskip("torch")
 
@@ -125,29 +123,24 @@ def test_residual_file_errors_name_the_file(tmp_path):
             load_residual(spec.refiner)
 
 
-def _run(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "E3PoseLogic", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd)
-
-
 def test_train_residual_writes_a_loadable_network_and_resumes(tmp_path):
     """The command end to end on two synthetic volumes: a native checkpoint that load_residual accepts, resumed."""
     from E3PoseLogic.checkpoints import load_residual
 
     data, out = tmp_path / "data", tmp_path / "run"
-    r = _run("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0, cwd=tmp_path)
+    r = run_cli("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     args = ["train-residual", data / "images", data / "labels", data / "poses.csv", out, "--batch-size", 2]
-    r = _run(*args, "--steps", 2, cwd=tmp_path)
+    r = run_cli(*args, "--steps", 2, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     net, info = load_residual(out / "residual.pt")
     assert info["steps"] == 2 and info["n_volumes"] == 2
-    r = _run(*args, "--steps", 4, "--resume", cwd=tmp_path)
+    r = run_cli(*args, "--steps", 4, "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert load_residual(out / "residual.pt")[1]["steps"] == 4
     assert any(not np.array_equal(a.detach().numpy(), b.detach().numpy())
                for a, b in zip(net.parameters(), load_residual(out / "residual.pt")[0].parameters()))
-    bad = _run("train-residual", data / "images", data / "labels", tmp_path / "nothing.csv", out, cwd=tmp_path)
+    bad = run_cli("train-residual", data / "images", data / "labels", tmp_path / "nothing.csv", out, cwd=tmp_path)
     assert bad.returncode == 2 and "nothing.csv: cannot read" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -158,13 +151,13 @@ def test_pipeline_reports_the_residual_step(residual_net, tmp_path):
     from E3PoseLogic.models import default_model
 
     out = tmp_path / "out"
-    r = _run("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", cwd=tmp_path)
+    r = run_cli("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "sample_head.json").read_text())
     res = rec["confidence"]["refinement"]["residual"]
     assert res is not None and len(res["steps"]) >= 1 and res["angle_moved_deg"] >= 0.0
     assert rec["model"]["residual"]["sha256"]
-    bad = _run("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", tmp_path / "bad", "--device", "cpu", "-q",
+    bad = run_cli("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", tmp_path / "bad", "--device", "cpu", "-q",
                "--residual", default_model().refiner, cwd=tmp_path)
     assert bad.returncode != 0 and "refiner.pt" in bad.stderr and "not a residual-network checkpoint" in bad.stderr
 
@@ -227,14 +220,14 @@ def test_train_residual_pose_logit_from_a_residual_network(tmp_path):
     assert torch.equal(fresh.head[-1].weight[6], row7)
     assert torch.equal(fresh.features[0][0].weight, base.features[0][0].weight)
     data, out = tmp_path / "data", tmp_path / "run"
-    assert _run("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0, cwd=tmp_path).returncode == 0
+    assert run_cli("synth", data, "--n", 2, "--seed", 5, "--val-fraction", 0, cwd=tmp_path).returncode == 0
     args = ["train-residual", data / "images", data / "labels", data / "poses.csv", out, "--batch-size", 4,
             "--pose-logit", "--steps", 1]
-    r = _run(*args, "--init", tmp_path / "base.pt", cwd=tmp_path)
+    r = run_cli(*args, "--init", tmp_path / "base.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     net, info = load_residual(out / "residual.pt")
     assert net.config.pose_logit and info["init"].endswith("base.pt") and info["wrong_fraction"] == 0.25
-    bad = _run(*args, "--init", data / "poses.csv", cwd=tmp_path)
+    bad = run_cli(*args, "--init", data / "poses.csv", cwd=tmp_path)
     assert bad.returncode == 2 and "poses.csv" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -255,7 +248,7 @@ def test_infer_names_doubtful_poses(tmp_path):
         net.head[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -10.0]))
     save_native(tmp_path / "doubt.pt", net, "residual", {"trained_on": "test"})
     out = tmp_path / "out"
-    r = _run("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", "--residual",
+    r = run_cli("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", "--residual",
              tmp_path / "doubt.pt", "--judge", tmp_path / "doubt.pt", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "CHECK" in r.stderr and "doubtful (check these first): sample_head" in r.stderr
