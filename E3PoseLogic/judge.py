@@ -85,3 +85,18 @@ def judged_pose(judge, residual, array, ijk_to_ras, centre, rotation, brain_ml, 
     info.update(logit=best[0], angle_moved_deg=float(geodesic_deg(rotation, best[1])),
                 centre_moved_mm=float(np.linalg.norm(best[2] - centre)))
     return best[1], best[2], info
+
+
+def search_note(refinement, unit=" deg") -> str:
+    """What the judge's search did, for a person reading the result: "frame judge searched and switched 141 deg"
+    (the axes drawn are a searched frame, not the refined one), "frame judge searched, kept the refined frame", or ''
+    when it did not search. Read defensively: ``refinement`` may come from a JSON file."""
+    judged = refinement.get("judge") if isinstance(refinement, dict) else None
+    if not isinstance(judged, dict) or judged.get("searched") is not True:
+        return ""
+    if judged.get("switched") is not True:
+        return "frame judge searched, kept the refined frame"
+    angle = judged.get("angle_moved_deg")
+    if isinstance(angle, (int, float)) and not isinstance(angle, bool) and np.isfinite(angle):
+        return f"frame judge searched and switched {angle:.0f}{unit}"
+    return "frame judge searched and switched"

@@ -217,8 +217,11 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
     if ref.get("applied"):  # the axes drawn are the refined pose: say so, and how far it moved from the E3-CNN's
         extra += f"; refined axes (moved {ref.get('angle_moved_deg', float('nan')):.0f} deg from the E3-CNN, " \
                  f"{ref.get('hypothesis', '?')} plane)"
+        from .judge import search_note
         from .residual import doubt_details, frame_choice
 
+        if search_note(ref):  # the axes may be a searched frame far from the refined one: say so
+            extra += f"; {search_note(ref)}"
         choice = frame_choice(ref)
         if choice.get("doubtful"):  # a low pose logit, or the E3-CNN read again disagrees: most failures (README)
             extra += f"; DOUBTFUL, check ({doubt_details(choice)})"

@@ -57,6 +57,22 @@ def test_search_starts_are_the_best_and_far_apart():
     assert max(min(geodesic_deg(r, g) for g in grid) for r in q) < 45.0
 
 
+@pytest.mark.parametrize("judged, note", [
+    ({"logit": 7.0, "searched": False, "switched": False}, ""),
+    ({"logit": 3.0, "searched": True, "switched": False}, "frame judge searched, kept the refined frame"),
+    ({"logit": 7.5, "searched": True, "switched": True, "angle_moved_deg": 141.4},
+     "frame judge searched and switched 141 deg"),
+    ({"searched": True, "switched": True, "angle_moved_deg": "far"}, "frame judge searched and switched"),
+    ("searched", ""),
+])
+def test_search_note_says_what_the_search_did(judged, note):
+    """The QC title and the Slicer module's status say when the axes shown are a searched frame."""
+    from E3PoseLogic.judge import search_note
+
+    assert search_note({"applied": True, "judge": judged}) == note
+    assert search_note(None) == "" and search_note({"applied": True}) == ""
+
+
 def test_judge_file_errors_name_the_file(tmp_path):
     """A judge must have the pose logit: a residual network without one is refused, by name."""
     import torch

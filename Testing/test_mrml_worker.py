@@ -196,6 +196,11 @@ def test_worker_cancel(tmp_path):
      "refined: moved 170°; DOUBTFUL, check it (pose logit 6.2, E3-CNN 164° away)"),
     ({"applied": True, "angle_moved_deg": 3.0, "residual": {"frame_choice": {"pose_logit": 8.0, "doubtful": False}}},
      "refined: moved 3°"),
+    # the frame judge searched and replaced the refined frame: the axes shown are the searched one
+    ({"applied": True, "angle_moved_deg": 150.0, "judge": {"logit": 7.5, "searched": True, "switched": True,
+      "angle_moved_deg": 141.2}}, "refined: moved 150°; frame judge searched and switched 141°"),
+    ({"applied": True, "angle_moved_deg": 4.0, "judge": {"logit": 3.0, "searched": True, "switched": False}},
+     "refined: moved 4°; frame judge searched, kept the refined frame"),
 ])
 def test_refinement_summary_reads_the_confidence_defensively(info, expected):
     from E3PoseLogic.mrml.worker import refinement_summary

@@ -304,7 +304,10 @@ def refinement_summary(confidence) -> str:
         details.append(f"margin {margin:.2g}")
     if reason:
         details.append(reason)
-    return text + (f" ({', '.join(details)})" if details else "") + _doubt_text(info)
+    from ..judge import search_note
+
+    note = search_note(info, unit="°")
+    return text + (f" ({', '.join(details)})" if details else "") + (f"; {note}" if note else "") + _doubt_text(info)
 
 
 def _doubt_text(info) -> str:
