@@ -290,13 +290,17 @@ class Pipeline:
 
     def _retry_grids(self, array, affine, x, unet_affine, fov, source, refine, step, first):
         """A doubtful pose: the whole estimate again from the U-Net's masks on the ``retry_factors`` grids;
-        the pose with the highest ``rank_logit`` is kept (its own doubt flag with it).
+        the pose with the highest ``retry_logit`` (the residual network's pose logit) is kept (its own doubt flag
+        with it).
 
         Why: most doubtful poses come from a poor U-Net mask of a small or coarse head (the pose is then 2 deg
         median with the true mask); the same U-Net on a finer grid often draws a better one. Tuning set (168
         volumes, 23 doubtful): above 60 deg 6.5 -> 3.6 %, above 30 deg 7.1 -> 4.8 %, no pose the first grid did
         not flag changes. The 4.5 mm grid (session 16; two tuning sets, 336 volumes, 66 retried): above 30 deg
-        20 -> 17, above 60 deg 15 -> 12; other grids and other ways to choose the attempt did no better.
+        20 -> 17, above 60 deg 15 -> 12; other grids and other ways to choose the attempt did no better. Ranked
+        by the frame judge's logit instead (session 19) the same tuning sets had as many poses above 30 and 60 deg
+        but a 95th percentile 3 deg higher, and the transfer set kept poorer masks (centre 95th percentile 18 mm
+        against 8): the judge tells a head's frame from a turned one, not a good mask from a poor one.
         ``first``: the first grid's pose (``_pose_from_mask``).
         """
         from .errors import MaskAtBorder, NoBrainFound
@@ -316,7 +320,7 @@ class Pipeline:
             pose = self._pose_from_mask(array, affine, x, unet_affine, brain, eyes, volume_ml, spacing, refine, True,
                                         _Clock({}), lambda *a: None)
             tried.append(_retry_record(pose))
-            if rank_logit(pose["refinement"]) > rank_logit(best["refinement"]):
+            if retry_logit(pose["refinement"]) > retry_logit(best["refinement"]):
                 best = pose
         best["refinement"]["grid_retry"] = {"tried": tried, "chosen_unet_spacing_mm": best["unet_spacing"]}
         return best
@@ -404,12 +408,9 @@ class Pipeline:
         )
 
 
-def rank_logit(refinement) -> float:
-    """What the grid retry ranks attempts by: the frame judge's logit of the final frame when the model has a
-    judge, else the residual network's pose logit (-inf without either)."""
-    judged = refinement.get("judge") if isinstance(refinement, dict) else None
-    if isinstance(judged, dict) and "logit" in judged:
-        return float(judged["logit"])
+def retry_logit(refinement) -> float:
+    """What the grid retry ranks attempts by: the residual network's pose logit of its chosen frame (-inf without
+    one). Not the frame judge's logit, although the judge's decides the doubt flag (``_retry_grids``)."""
     return float(frame_choice(refinement).get("pose_logit", -np.inf))
 
 
@@ -419,7 +420,7 @@ def attempt_record(unet_spacing, refinement, volume_ml, rotation, rotation_voxel
     pose that was not retried this way)."""
     choice = frame_choice(refinement)
     return {"unet_spacing_mm": float(unet_spacing), "pose_logit": float(choice.get("pose_logit", -np.inf)),
-            "rank_logit": rank_logit(refinement), "doubtful": bool(choice.get("doubtful")),
+            "doubtful": bool(choice.get("doubtful")),
             "brain_volume_ml": float(volume_ml),
             "rotation_ras": np.asarray(rotation, dtype=float).tolist(),
             "rotation_voxel": np.asarray(rotation_voxel, dtype=float).tolist(),

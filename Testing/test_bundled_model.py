@@ -133,9 +133,9 @@ def test_small_brain_leaking_to_the_edge_is_found_on_a_finer_grid():
 
 
 def test_doubtful_pose_is_estimated_again_on_finer_grids(monkeypatch):
-    """A pose flagged doubtful is made again from the U-Net's masks on the retry grids, and the one the frame judge
-    finds most plausible (``rank_logit``) is kept with its own mask, centre and flag; the attempts are in the
-    output. Every pose is made doubtful here (thresholds no frame reaches), so the retry runs on an ordinary head."""
+    """A pose flagged doubtful is made again from the U-Net's masks on the retry grids, and the one the residual
+    network finds most plausible (``retry_logit``) is kept with its own mask, centre and flag; the attempts are in
+    the output. Every pose is made doubtful here (thresholds no frame reaches), so the retry runs on an ordinary head."""
     from E3PoseLogic import judge
     from E3PoseLogic import pipeline as P
     from E3PoseLogic import residual
@@ -159,13 +159,11 @@ def test_doubtful_pose_is_estimated_again_on_finer_grids(monkeypatch):
     retry = res.confidence["refinement"]["grid_retry"]
     spacings = [t["unet_spacing_mm"] for t in retry["tried"]]
     assert spacings == pytest.approx([pipe.unet_spacing] + [pipe.unet_spacing * f for f in pipe.retry_factors])
-    logits = [t["rank_logit"] for t in retry["tried"] if "rank_logit" in t]
+    logits = [t["pose_logit"] for t in retry["tried"] if "pose_logit" in t]
     choice = res.confidence["refinement"]["residual"]["frame_choice"]
-    assert P.rank_logit(res.confidence["refinement"]) == max(logits) and choice["doubtful"]
-    if model.judge is not None:
-        assert choice["judge_logit"] == max(logits)
+    assert P.retry_logit(res.confidence["refinement"]) == max(logits) == choice["pose_logit"] and choice["doubtful"]
     assert res.confidence["unet_spacing_mm"] == retry["chosen_unet_spacing_mm"]
-    kept = next(t for t in retry["tried"] if t.get("rank_logit") == max(logits))  # each attempt carries its pose
+    kept = next(t for t in retry["tried"] if t.get("pose_logit") == max(logits))  # each attempt carries its pose
     assert np.allclose(kept["rotation_voxel"], res.rotation_voxel) and np.allclose(kept["translation_ras"],
                                                                                    res.translation)
     assert kept["brain_volume_ml"] == pytest.approx(res.confidence["brain_volume_ml"])

@@ -6,8 +6,8 @@
 Each SETDIR holds images/<id>.nii[.gz] and poses.csv (the ``e3pose synth`` layout). Every volume goes through the
 bundled pipeline once, with the retry trying every grid of ``--factors`` (multiples of the U-Net's spacing); each
 attempt's pose is kept (``confidence.refinement.grid_retry.tried``), so every subset of those grids can then be scored
-without running the networks again: for each ``--grid-sets`` entry the attempt with the highest rank logit (the frame
-judge's, or the pose logit) among the first grid's and the subset's is taken, as ``Pipeline._retry_grids`` does.
+without running the networks again: for each ``--grid-sets`` entry the attempt with the highest pose logit among the
+first grid's and the subset's is taken, as ``Pipeline._retry_grids`` does.
 Writes OUT/attempts.jsonl (one line per volume; ``--reuse`` scores an existing one) and OUT/summary.csv (per grid set:
 median, 95th percentile, volumes above 30 and 60 degrees; a refused volume counts as 180 degrees), and prints the
 table.
@@ -78,13 +78,12 @@ def run_sets(set_dirs, factors, out_path) -> None:
 
 
 def choose(attempts, subset, model_spacing):
-    """The attempt ``Pipeline._retry_grids`` keeps when it tries only ``subset``: the highest ``rank_logit`` (the frame
-    judge's logit, or the residual network's pose logit for a model without a judge and for records written before
-    the judge) among the first grid's and the subset's (refused attempts have no pose)."""
+    """The attempt ``Pipeline._retry_grids`` keeps when it tries only ``subset``: the highest residual pose logit
+    (``pipeline.retry_logit``) among the first grid's and the subset's (refused attempts have no pose)."""
     first, rest = attempts[0], attempts[1:]
     pool = [first] + [a for a in rest if "rotation_voxel" in a and
                       any(np.isclose(a["unet_spacing_mm"], model_spacing * f) for f in subset)]
-    return max(pool, key=lambda a: a.get("rank_logit", a["pose_logit"]))
+    return max(pool, key=lambda a: a["pose_logit"])
 
 
 def summarise(records, truth, subsets) -> list:
