@@ -89,13 +89,13 @@ def judged_pose(judge, residual, array, ijk_to_ras, centre, rotation, brain_ml, 
                 searched_logits=[c[0] for c in candidates])
     if not switch:
         return rotation, centre, info
-    rot, cen = best[1], best[2]
+    logit, rot, cen = best
     if POLISH_STEPS:
         rot, cen, polish = correct_pose(judge, array, ijk_to_ras, cen, rot, brain_ml, steps=POLISH_STEPS,
                                         move_centre=move_centre, choose=False, plane_cfg=plane_cfg)
         info["polish"] = {"steps": POLISH_STEPS, "angle_moved_deg": polish["angle_moved_deg"],
                           "centre_moved_mm": polish["centre_moved_mm"]}
-    logit = float(judge_logits(judge, array, ijk_to_ras, cen, [rot], radius)[0]) if POLISH_STEPS else best[0]
+        logit = float(judge_logits(judge, array, ijk_to_ras, cen, [rot], radius)[0])
     info.update(logit=logit, angle_moved_deg=float(geodesic_deg(rotation, rot)),
                 centre_moved_mm=float(np.linalg.norm(cen - centre)))
     return rot, cen, info
