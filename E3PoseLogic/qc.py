@@ -220,8 +220,9 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
         from .judge import search_note
         from .residual import doubt_details, frame_choice
 
-        if search_note(ref):  # the axes may be a searched frame far from the refined one: say so
-            extra += f"; {search_note(ref)}"
+        note = search_note(ref)
+        if note:  # the axes may be a searched frame far from the refined one: say so
+            extra += f"; {note}"
         choice = frame_choice(ref)
         if choice.get("doubtful"):  # a low pose logit, or the E3-CNN read again disagrees: most failures (README)
             extra += f"; DOUBTFUL, check ({doubt_details(choice)})"
