@@ -2,7 +2,7 @@
 # The README's comparison (issue 10): E3Pose against template registration and a standard 3D CNN on the same held-out
 # synthetic volumes, and the SO(3) generalisation experiment. Run from an empty working folder with the E3Pose venv
 # active:  bash /path/to/compare.sh      (MIN: a cap on the first standard-CNN run, whose 40 epochs took 22 min in the table's run;
-# STD2_MIN: see below; 2 CPU cores: about 4.5 h)
+# STD2_MIN: see below; 2 CPU cores: about 4.5 h, and 5 h more for the equal-budget run with E6_DIR, at the end)
 #
 # Data: the training volumes of the bundled model's recipe (synth seeds 1, 2 and navigator-like 4), validation seed 31
 # (the tuning set), test: e3pose compare generates seeds 41 and navigator-like 42 (the model card's held-out seeds).
@@ -78,3 +78,21 @@ e3pose compare cmp --n-test 100 --moments-volumes 30 --slow-volumes 12 --standar
     --fireants-python .venv-fireants/bin/python
 # how equivariant the bundled E3-CNN is as each crop feeds it (the README's equivariance table)
 python "$(dirname "$0")/equivariance_check.py" cmp/data/test/images -o equivariance --n-volumes 100
+# The equal-budget standard CNN (issue 10; the README's "303 min" row), skipped unless E6_DIR names a folder where step
+# 1 of Resources/training/default_model_cpu.sh (the data) has run: the bundled E3-CNN's phase-6 training phantoms
+# (1,105) and validation phantoms (86), its cube crop, rotations over SO(3) without the intensity chain, Adam 1e-3
+# cosine over 1,280 epochs of 500 steps of 8 crops, stopped at the bundled E3-CNN's 303 minutes of training (a
+# wall-clock limit: run it with nothing else on the machine). An interrupted run continues where it stopped (--resume):
+# Resources/benchmarks/standard_cnn_303/ holds the table's run (its metrics.csv, and its best.pt, which the last line
+# measures without training again: --standard-cnn Resources/benchmarks/standard_cnn_303/best.pt).
+if [ -n "${E6_DIR:-}" ]; then
+    TO_E6="synthetic fetal heads (e3pose synth: seeds 1, 2, 3, navigator-like 4 and 60; with --deform 5 --anatomy-variation: 55, 56, 58, navigator-like 57 and 59, navigator-like 20-27 weeks 61; validation 11, 12n, varied 63, 64n)"
+    ( cd "$E6_DIR" && e3pose train-e3cnn train_e6/images train_e6/labels val_e3/images val_e3/labels ann_e6.csv \
+        runs/std303 --arch standard --unet-size 64 --unet-spacing 6 --crop-size 16 --crop-shape cube --n-downsample 2 \
+        --no-intensity-augment --optimizer adam --lr 1e-3 --lr-schedule cosine --batch-size 8 --steps-per-epoch 500 \
+        --epochs 1280 --max-val 86 --seed 21 --time-limit 303 --threads 2 --prep-workers 2 --quiet \
+        --trained-on "$TO_E6" --resume )
+    e3pose compare cmp_std303 --test-dir cmp/data/test --methods standard-cnn --standard-cnn "$E6_DIR/runs/std303/best.pt"
+else
+    echo "compare.sh: E6_DIR not set: the equal-budget standard CNN is skipped"
+fi
