@@ -381,7 +381,7 @@ def plot_by_magnitude(results: List[MethodResult], path, title: str) -> None:
 
     from .atomic import atomic_path
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(8.0, 4.6), dpi=110)
     labels = None
     for res in results:
         if res.skipped or not res.cases:
@@ -397,8 +397,8 @@ def plot_by_magnitude(results: List[MethodResult], path, title: str) -> None:
     ax.set_xlabel("ground-truth rotation magnitude (degrees)")
     ax.set_ylabel("median geodesic rotation error (degrees)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: never over the lines
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", bbox_inches="tight")  # the legend sits below the axes
     plt.close(fig)

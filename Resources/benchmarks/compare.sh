@@ -83,7 +83,7 @@ python "$(dirname "$0")/equivariance_check.py" cmp/data/test/images -o equivaria
 # (1,105) and validation phantoms (86), its cube crop, rotations over SO(3) without the intensity chain, Adam 1e-3
 # cosine over 1,280 epochs of 500 steps of 8 crops, stopped at the bundled E3-CNN's 303 minutes of training (a
 # wall-clock limit: run it with nothing else on the machine). An interrupted run continues where it stopped (--resume).
-# Resources/benchmarks/standard_cnn_303/ keeps the table's run (last.pt, best.pt, metrics.csv): copy it to
+# Resources/benchmarks/standard_cnn_303/ keeps the table's run, finished (epoch 1,059 at 303 min; last.pt, best.pt, metrics.csv): copy it to
 # $E6_DIR/runs/std303 to continue it, or give its best.pt to the last line to measure it without training again.
 if [ -n "${E6_DIR:-}" ]; then
     TO_E6="synthetic fetal heads (e3pose synth: seeds 1, 2, 3, navigator-like 4 and 60; with --deform 5 --anatomy-variation: 55, 56, 58, navigator-like 57 and 59, navigator-like 20-27 weeks 61; validation 11, 12n, varied 63, 64n)"
