@@ -277,6 +277,31 @@ def test_cli_checkpoint_round_trip_and_resume(synth_dir, tmp_path):
     assert torch.load(out_e / "last.pt", weights_only=True)["training_state"]["epoch"] == 2
 
 
+def test_unet_best_checkpoint_chosen_on_dice(synth_dir, tmp_path, capsys):
+    """--select dice: best.pt is the epoch with the highest validation brain Dice (not the lowest loss), the choice is
+    recorded, and a resume with another --select is refused, naming the file."""
+    from E3PoseLogic.cli import main
+    from E3PoseLogic.training.common import read_metrics
+
+    out = tmp_path / "u"
+    pos = [str(synth_dir / "images"), str(synth_dir / "labels")] * 2
+    common = [*UNET_TINY, "--steps-per-epoch", "2", "--batch-size", "2", "--threads", "1", "--quiet", "--lr", "3e-3",
+              "--bn-recalibrate", "2"]
+    assert main(["train-unet", *pos, str(out), *common, "--epochs", "4", "--select", "dice"]) == 0
+    rows = read_metrics(out / "metrics.csv")
+    dice = [float(r["val_dice_brain"]) for r in rows]
+    want = 1 + int(np.argmax(dice))  # the first epoch with the highest Dice
+    best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)["provenance"]
+    assert best["selected_on"] == "dice" and best["best_epoch"] == want
+    assert best["best_val"]["val_dice_brain"] == pytest.approx(max(dice))
+    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["training_state"]
+    assert last["select"] == "dice" and last["best_epoch"] == want and last["best_val"] == pytest.approx(-max(dice))
+    capsys.readouterr()
+    assert main(["train-unet", *pos, str(out), *common, "--epochs", "5", "--resume"]) != 0
+    assert f"{out / 'last.pt'} chose its best epoch on --select dice" in capsys.readouterr().err
+    assert torch.load(out / "last.pt", map_location="cpu", weights_only=True)["training_state"]["epoch"] == 4
+
+
 def test_resume_restores_weights(synth_dir, tmp_path):
     from E3PoseLogic.networks.config import UNetConfig
     from E3PoseLogic.networks.unet import UNet
@@ -292,7 +317,7 @@ def test_resume_restores_weights(synth_dir, tmp_path):
     dst = UNet(UNetConfig(n_feat=4, n_levels=2, input_size=16))
     opt2 = make_optimizer(dst, "adam", 1e-3, 0.0)
     st = resume_state(tmp_path / "last.pt", dst, opt2)
-    assert st == {"epoch": 5, "best_val": 0.25, "best_epoch": 4, "elapsed_s": 12.0}
+    assert st == {"epoch": 5, "best_val": 0.25, "best_epoch": 4, "elapsed_s": 12.0, "select": "loss"}
     for (k, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
         assert torch.equal(a, b), k
     assert opt2.state_dict()["state"][0]["step"] == 1

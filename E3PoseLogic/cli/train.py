@@ -8,7 +8,8 @@ import argparse
 
 
 def _common(p, unet_defaults):
-    g = p.add_argument_group("training")
+    """-> the "training" argument group (for options of one trainer only)."""
+    g = training = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=100, help="number of epochs (default 100)")
     g.add_argument("--steps-per-epoch", type=int, default=100,
                    help="optimiser steps per epoch; each step draws --batch-size random augmented cases (default 100)")
@@ -48,19 +49,25 @@ def _common(p, unet_defaults):
     g = p.add_argument_group("U-Net grid (the inference preprocessing)")
     g.add_argument("--unet-size", type=int, default=128, help="U-Net grid side in voxels (default 128)")
     g.add_argument("--unet-spacing", type=float, default=3.0, help="U-Net grid spacing in mm (default 3)")
+    return training
 
 
 def register(subparsers) -> None:
     desc = ("Data: IMG_DIR/<id>.nii[.gz] and LAB_DIR/<id>.nii[.gz] with the same names (labels 0 background, "
             "1 brain, 2 eyes), any grid: every volume is preprocessed exactly as at inference. Writes OUTDIR/best.pt "
-            "(lowest validation loss), last.pt (for --resume), metrics.csv, learning_curve.png, train_config.json. "
+            "(lowest validation loss; train-unet: or --select dice), last.pt (for --resume), metrics.csv, learning_curve.png, train_config.json. "
             "Several GPUs: torchrun --nproc_per_node N -m E3PoseLogic train-... (DistributedDataParallel).")
     p = subparsers.add_parser("train-unet", help="train the segmentation U-Net (brain, eyes)",
                               description="Train the segmentation U-Net. " + desc)
     for name in ("train_img", "train_lab", "val_img", "val_lab"):
         p.add_argument(name, help=name.replace("_", " ").replace("img", "images folder").replace("lab", "labels folder"))
     p.add_argument("outdir", help="output folder")
-    _common(p, dict(batch=4, optimizer="adam", lr=1e-4, wd=0.0))
+    training = _common(p, dict(batch=4, optimizer="adam", lr=1e-4, wd=0.0))
+    training.add_argument(
+        "--select", choices=("loss", "dice"), default="loss",
+        help="which epoch becomes best.pt: loss (default: lowest validation loss) or dice (highest validation brain "
+             "Dice; for runs with the intensity chain, whose loss on clean validation volumes can rise while the "
+             "masks improve)")
     g = p.add_argument_group("architecture")
     g.add_argument("--n-feat", type=int, default=16, help="features at the first level (default 16)")
     g.add_argument("--bn-recalibrate", type=int, default=64, metavar="N",

@@ -210,6 +210,19 @@ def make_optimizer(model, name, lr, weight_decay, momentum=0.99):
 
 
 # ------------------------------------------------------------------------------------------------- loop
+def selection(task, args):
+    """-> (--select name, validation key, sign): ``best.pt`` is the epoch with the lowest ``sign * row[key]``.
+
+    Why not always the loss: a U-Net trained with the intensity chain is validated on clean volumes, where its
+    cross-entropy can rise while its masks get better (session 16), so it is chosen on Dice instead."""
+    name = getattr(args, "select", None) or "loss"
+    choices = getattr(task, "select_metrics", {"loss": ("val_loss", 1.0)})
+    if name not in choices:
+        raise ValueError(f"--select {name}: this network is chosen on one of {', '.join(choices)}")
+    key, sign = choices[name]
+    return name, key, sign
+
+
 def fit(task, args, dist: Dist):
     """Train ``task`` for ``args.epochs`` epochs of ``args.steps_per_epoch`` steps; returns the metrics rows."""
     from torch.utils.data import DataLoader
@@ -224,14 +237,19 @@ def fit(task, args, dist: Dist):
         if dist.main:
             print(f"initialised from {args.init}", file=sys.stderr)
     rows, start_epoch, best, best_epoch, elapsed0 = [], 0, math.inf, None, 0.0
+    select, select_key, select_sign = selection(task, args)
     if args.resume:
         state = resume_state(out / LAST, model, opt, kind=task.kind)
+        if state is not None and state["select"] != select:
+            raise RuntimeError(f"{out / LAST} chose its best epoch on --select {state['select']}; resume with the "
+                               f"same --select (not {select}) or start a new run")
         if state is not None:
             start_epoch, best, best_epoch, elapsed0 = state["epoch"], state["best_val"], state["best_epoch"], \
                 state["elapsed_s"]
             rows = [r for r in read_metrics(out / "metrics.csv") if int(r["epoch"]) <= start_epoch]
             if dist.main:
-                print(f"resumed from {out / LAST} at epoch {start_epoch} (best val {best:.4g})", file=sys.stderr)
+                print(f"resumed from {out / LAST} at epoch {start_epoch} (best epoch {best_epoch}, chosen on "
+                      f"{select})", file=sys.stderr)
         elif dist.main:
             print(f"--resume: no {out / LAST} yet, starting from scratch", file=sys.stderr)
     net = dist.wrap(model, find_unused=getattr(task, "find_unused", False))
@@ -280,16 +298,17 @@ def fit(task, args, dist: Dist):
                    "train_loss": float(np.mean(losses)) if losses else float("nan"), **val,
                    "lr": opt.param_groups[0]["lr"], "skipped_steps": skipped, "elapsed_s": round(elapsed, 1)}
             rows.append(row)
-            improved = val["val_loss"] < best
+            score = select_sign * float(val[select_key])
+            improved = score < best
             if improved:
-                best, best_epoch = val["val_loss"], epoch + 1
+                best, best_epoch = score, epoch + 1
             prov = task.provenance(args, epochs_done=epoch + 1, elapsed_s=elapsed, device=device,
                                    best_epoch=best_epoch, best_row=_row_of(rows, best_epoch))
             if improved:
                 save_native(out / BEST, model, task.kind, prov)
             save_native(out / LAST, model, task.kind, prov, extra={"training_state": {
                 "epoch": epoch + 1, "best_val": best, "best_epoch": best_epoch or 0, "elapsed_s": elapsed,
-                "optimizer": opt.state_dict()}})
+                "select": select, "optimizer": opt.state_dict()}})
             write_metrics(out / "metrics.csv", rows)
             try:
                 plot_curves(out / "learning_curve.png", rows, task.metric_keys, task.title)
@@ -357,7 +376,8 @@ def resume_state(path, model, opt, kind=None):
                            f"{unexpected[:3]}); use the same architecture options as the first run")
     opt.load_state_dict(state["optimizer"])
     return {"epoch": int(state["epoch"]), "best_val": float(state["best_val"]),
-            "best_epoch": int(state["best_epoch"]) or None, "elapsed_s": float(state.get("elapsed_s", 0.0))}
+            "best_epoch": int(state["best_epoch"]) or None, "elapsed_s": float(state.get("elapsed_s", 0.0)),
+            "select": str(state.get("select", "loss"))}
 
 
 def base_provenance(args, kind, trained_on, n_train, n_val, epochs_done, elapsed_s, device, best_epoch, best_row,
@@ -375,7 +395,7 @@ def base_provenance(args, kind, trained_on, n_train, n_val, epochs_done, elapsed
         "training_time_s": round(float(elapsed_s), 1), "hardware": hardware(device),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "git_commit": git_commit(), "e3pose_version": __version__,
-        "best_epoch": best_epoch, "best_val": best_row,
+        "best_epoch": best_epoch, "best_val": best_row, "selected_on": getattr(args, "select", None) or "loss",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     prov.update(extra or {})
@@ -422,7 +442,8 @@ def train_and_report(task, args, dist: Dist, n_train, n_val, describe_best):
     rows = fit(task, args, dist)
     dist.close()
     if dist.main and rows:
-        best = min(rows, key=lambda r: r["val_loss"])
+        _, key, sign = selection(task, args)
+        best = min(rows, key=lambda r: sign * float(r[key]))
         print(f"done: best epoch {best['epoch']} val loss {best['val_loss']:.4g}, {describe_best(best)}; "
               f"checkpoints in {args.outdir}")
     return 0

@@ -21,6 +21,7 @@ class UNetTask:
     kind = "unet"
     metric_keys = ("val_dice_brain", "val_dice_eyes")
     title = "U-Net training"
+    select_metrics = {"loss": ("val_loss", 1.0), "dice": ("val_dice_brain", -1.0)}  # --select
 
     def __init__(self, args, train_cache, val_cache, trained_on):
         self.args = args
