@@ -216,6 +216,67 @@ def test_crop_jitter_places_the_crop_as_an_imperfect_mask_would(synth_dir, tmp_p
                  "--centre-jitter", "6", "--quiet"]) == 2
 
 
+def _constant_unet(path, label):
+    """A real U-Net (the tiny test grid) whose last layer answers ``label`` everywhere: its mask is known exactly."""
+    from E3PoseLogic.checkpoints import save_native
+    from E3PoseLogic.networks.config import UNetConfig
+    from E3PoseLogic.networks.unet import UNet
+
+    net = UNet(UNetConfig(n_feat=4, n_levels=3, input_size=32, spacing_mm=12.0))
+    with torch.no_grad():
+        net.last_conv.weight.zero_()
+        net.last_conv.bias.copy_(torch.tensor([10.0 if c == label else 0.0 for c in range(3)]))
+    save_native(path, net, "unet", {"trained_on": "test: constant output"})
+    return path
+
+
+def test_unet_crops_place_training_crops_as_inference_does(synth_dir, tmp_path, capsys):
+    """--unet-crops: a draw takes, with the given probability, the cube the pipeline's crop rule places from that
+    U-Net's mask on the same grid; a U-Net that finds no brain leaves the true crop; the run records it; a U-Net on
+    another grid is refused, naming the file."""
+    from E3PoseLogic.cli import main
+    from E3PoseLogic.crop import crop_input, cube_box
+    from E3PoseLogic.training import data
+
+    ann = data.read_annotations(synth_dir / "poses.csv")
+    cases = data.list_cases(synth_dir / "images", synth_dir / "labels")
+    everywhere = _constant_unet(tmp_path / "all.pt", 1)  # brain everywhere: the mask is the whole grid
+    nowhere = _constant_unet(tmp_path / "none.pt", 0)  # background everywhere: no brain
+    jit = data.CropJitter(unet_fraction=1.0, unet_path=str(everywhere))
+    grid = data.cache_e3cnn(cases, ann, 12.0, 32, 0.6, 16, "cube", jitter=jit)
+    exact = data.cache_e3cnn(cases, ann, 12.0, 32, 0.6, 16, "cube")
+    fid, img, lab = cases[0]
+    x_unet, _ = data.unet_case(img, lab, 12.0, 32)
+    ubox = cube_box(x_unet, np.ones_like(x_unet, dtype=np.uint8), 0.6, 16)
+    g, c = grid[0], exact[0]
+    assert g.frame_id == c.frame_id == fid and g.unet_box is not None
+    np.testing.assert_array_equal(data.jittered_crop(g).x, c.x)  # no draw: still the true mask's crop
+    drawn = data.jittered_crop(g, np.random.default_rng(0), jit)
+    np.testing.assert_allclose(drawn.x, crop_input(x_unet, ubox), atol=1e-5)
+    assert not np.allclose(drawn.x, c.x)
+    half = data.CropJitter(unet_fraction=0.5, unet_path=str(everywhere))
+    picks = [np.allclose(data.jittered_crop(g, np.random.default_rng(i), half).x, c.x) for i in range(40)]
+    assert 5 < sum(picks) < 35  # both kinds of crop are drawn
+    none = data.cache_e3cnn(cases, ann, 12.0, 32, 0.6, 16, "cube",
+                            jitter=data.CropJitter(unet_fraction=1.0, unet_path=str(nowhere)))
+    assert none[0].unet_box is None
+    np.testing.assert_array_equal(data.jittered_crop(none[0], np.random.default_rng(0), jit).x, c.x)
+
+    pos = [str(synth_dir / "images"), str(synth_dir / "labels")] * 2
+    run = ["train-e3cnn", *pos, str(synth_dir / "poses.csv"), str(tmp_path / "e"), *E3_TINY, "--epochs", "1",
+           "--steps-per-epoch", "2", "--batch-size", "1", "--threads", "1", "--quiet", "--crop-shape", "cube",
+           "--no-augment", "--unet-crops", str(everywhere), "--unet-crop-fraction", "0.25"]
+    assert main(run) == 0
+    prov = torch.load(tmp_path / "e" / "best.pt", weights_only=True)["provenance"]
+    assert prov["crop_jitter"] == {"centre_sd_mm": 0.0, "scale_sd": 0.0, "unet_fraction": 0.25,
+                                   "unet": str(everywhere)}
+    capsys.readouterr()
+    other = [a if a != "32" else "40" for a in run]  # --unet-size 40: not the U-Net's grid
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert str(everywhere) in err and "32^3 grid at 12.0 mm" in err
+
+
 def test_cli_checkpoint_round_trip_and_resume(synth_dir, tmp_path):
     from E3PoseLogic.checkpoints import load_e3cnn, load_unet
     from E3PoseLogic.cli import main

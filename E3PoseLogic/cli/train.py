@@ -117,6 +117,12 @@ def register(subparsers) -> None:
     g.add_argument("--scale-jitter", type=float, metavar="SD", default=0.0,
                    help="cube crops: scale each training crop's side by exp(N(0, SD)) (cut at 3 sd), as a U-Net "
                         "mask's extent is off at inference (default 0)")
+    g.add_argument("--unet-crops", metavar="CKPT",
+                   help="cube crops: a U-Net (e.g. the bundled one) whose brain mask places some training crops, "
+                        "exactly as inference places them from that U-Net's mask (its grid must be --unet-size / "
+                        "--unet-spacing); the rest are the true mask's (moved by the jitter above, if any)")
+    g.add_argument("--unet-crop-fraction", type=float, metavar="P", default=0.5,
+                   help="with --unet-crops: the share of draws that take the U-Net's crop (default 0.5)")
     g = p.add_argument_group("pose range (SO(3) generalisation experiments)")
     g.add_argument("--pose-range", type=float, metavar="DEG", default=None,
                    help="train only on heads near one orientation: every crop is turned so that its target pose has "

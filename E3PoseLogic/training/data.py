@@ -130,19 +130,28 @@ def e3cnn_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: 
 
 @dataclass
 class CropJitter:
-    """How far a training draw moves the cube crop from the true mask's (``--centre-jitter``, ``--scale-jitter``).
+    """How a training draw places the cube crop away from the true mask's (``--centre-jitter``, ``--scale-jitter``,
+    ``--unet-crops``).
 
     Why: inference centres the crop on the U-Net mask's centre of mass and sizes it from that mask's extent. On the
     tuning set (168 volumes) those are 2.6 mm median (p90 5.9 mm) and 0.80-1.15x (p5-p95) away from the true
     mask's, and an E3-CNN trained only on exact crops went from 4.2 % above 60 deg (true-mask crop) to 13 % with
     the crop moved 4 mm. A draw moves the centre by N(0, ``centre_sd_mm``) per axis and scales the side by
-    exp(N(0, ``scale_sd``)), both cut at 3 standard deviations."""
+    exp(N(0, ``scale_sd``)), both cut at 3 standard deviations. Random moves are not how a U-Net errs (its errors
+    follow the anatomy: the centre and the side are wrong together), so a draw can instead take, with probability
+    ``unet_fraction``, the crop the U-Net at ``unet_path`` places on that volume, exactly as inference would."""
     centre_sd_mm: float = 0.0
     scale_sd: float = 0.0
+    unet_fraction: float = 0.0
+    unet_path: Optional[str] = None
+
+    @property
+    def moves(self) -> bool:
+        return self.centre_sd_mm > 0 or self.scale_sd > 0
 
     @property
     def active(self) -> bool:
-        return self.centre_sd_mm > 0 or self.scale_sd > 0
+        return self.moves or (self.unet_fraction > 0 and self.unet_path is not None)
 
     def reach(self, side: float, spacing: float) -> int:
         """Half-width (U-Net voxels) of the grid a crop of ``side`` can reach under the largest draw."""
@@ -155,7 +164,32 @@ class CropJitter:
         return d, z
 
     def to_dict(self):
-        return {"centre_sd_mm": float(self.centre_sd_mm), "scale_sd": float(self.scale_sd)}
+        d = {"centre_sd_mm": float(self.centre_sd_mm), "scale_sd": float(self.scale_sd)}
+        if self.unet_path is not None:
+            d.update(unet_fraction=float(self.unet_fraction), unet=str(self.unet_path))
+        return d
+
+
+_UNETS: Dict[str, tuple] = {}  # per process: the --unet-crops network, loaded once
+
+
+def unet_crop_box(x_unet, unet_path: str, crop_scale: float, crop_size: int) -> Optional[CropBox]:
+    """The cube crop inference would place from this U-Net's brain mask on ``x_unet`` (None: no usable mask)."""
+    import torch
+
+    from ..checkpoints import load_unet
+    from ..segmentation import brain_and_eyes, softmax
+
+    if unet_path not in _UNETS:
+        _UNETS[unet_path] = load_unet(unet_path)
+    net = _UNETS[unet_path][0]
+    with torch.inference_mode():
+        t = torch.from_numpy(np.ascontiguousarray(x_unet, dtype=np.float32))[None, None]
+        post = softmax(net(t)[0].float().numpy(), axis=0)
+    brain = brain_and_eyes(post)[0]
+    if brain.sum() < 8:
+        return None
+    return cube_box(x_unet, brain, crop_scale, crop_size)
 
 
 @dataclass
@@ -168,6 +202,7 @@ class GridCase:
     box: CropBox  # the true mask's cube crop, centre in region voxels
     spacing_mm: float  # U-Net grid spacing
     r_vc: np.ndarray
+    unet_box: Optional[CropBox] = None  # --unet-crops: the U-Net mask's cube crop, centre in region voxels
 
 
 def e3cnn_grid_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_scale: float, crop_size: int,
@@ -176,36 +211,50 @@ def e3cnn_grid_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_sc
     x_unet, brain = _unet_brain(img_path, lab_path, spacing, size)
     box = cube_box(x_unet, brain, crop_scale, crop_size)
     half = jitter.reach(box.side, spacing)
+    ubox = unet_crop_box(x_unet, jitter.unet_path, crop_scale, crop_size) \
+        if jitter.unet_path is not None and jitter.unet_fraction > 0 else None
+    if ubox is not None:
+        half = max(half, int(np.ceil(np.abs(ubox.centre - box.centre).max() + ubox.side / 2.0)) + 2)
     origin = np.floor(box.centre).astype(np.int64) - half
     pad = [(half + 1, half + 1)] * 3
     sl = tuple(slice(int(o) + half + 1, int(o) + 3 * half + 2) for o in origin)
     region = np.pad(x_unet.astype(np.float32), pad)[sl]
     mask = np.pad(brain, pad)[sl]
     return GridCase(volume_name(img_path), region, mask, replace(box, centre=box.centre - origin), float(spacing),
-                    np.asarray(r_vc, np.float64))
+                    np.asarray(r_vc, np.float64),
+                    unet_box=None if ubox is None else replace(ubox, centre=ubox.centre - origin))
 
 
 def jittered_crop(case: GridCase, rng=None, jitter: Optional[CropJitter] = None) -> CropCase:
-    """The E3-CNN input of one draw: the cube moved and scaled by ``jitter`` (none: the true mask's crop)."""
+    """The E3-CNN input of one draw: the U-Net's crop (with probability ``jitter.unet_fraction``, where the U-Net
+    found the brain), else the true mask's cube moved and scaled by ``jitter`` (none: the true mask's crop)."""
     box = case.box
-    if rng is not None and jitter is not None and jitter.active:
-        d, z = jitter.draw(rng, case.spacing_mm)
-        box = replace(box, centre=box.centre + d, side=box.side * z)
+    if rng is not None and jitter is not None:
+        if jitter.unet_fraction > 0 and case.unet_box is not None and rng.random() < jitter.unet_fraction:
+            box = case.unet_box
+        elif jitter.moves:
+            d, z = jitter.draw(rng, case.spacing_mm)
+            box = replace(box, centre=box.centre + d, side=box.side * z)
     x = crop_input(case.region, box)
     m = crop_array(case.mask, box, order=0).astype(np.uint8)
     return CropCase(case.frame_id, x, m, case.spacing_mm * box.step, case.r_vc)
 
 
-def _run_jobs(fn, jobs, workers: int, desc: str, progress: bool = True):
-    """Apply fn(*job) to every job (processes when workers > 1), with a progress bar; failures are skipped."""
+def _run_jobs(fn, jobs, workers: int, desc: str, progress: bool = True, spawn: bool = False):
+    """Apply fn(*job) to every job (processes when workers > 1), with a progress bar; failures are skipped.
+
+    ``spawn``: fresh worker processes for jobs that run torch (a forked child of a process whose torch thread
+    pool has run hangs in its first parallel operation)."""
     from tqdm import tqdm
 
     quiet = not progress
     results = []
     if workers > 1:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=workers) as ex:
+        ctx = multiprocessing.get_context("spawn") if spawn else None
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
             futures = [ex.submit(fn, *j) for j in jobs]
             for j, f in tqdm(list(zip(jobs, futures)), desc=desc, unit="case", file=sys.stderr, disable=quiet):
                 results.append(_get(f.result, j))
@@ -235,7 +284,7 @@ def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, crop_s
     jobs, missing = [], []
     grid = jitter is not None and jitter.active
     if grid and crop_shape != "cube":
-        raise ValueError("crop jitter (--centre-jitter, --scale-jitter) needs --crop-shape cube")
+        raise ValueError("crop jitter (--centre-jitter, --scale-jitter, --unet-crops) needs --crop-shape cube")
     for fid, p, q in cases:
         if fid in annotations:
             jobs.append((p, q, annotations[fid], spacing, size, crop_scale, crop_size, jitter if grid else crop_shape))
@@ -244,7 +293,8 @@ def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, crop_s
     if missing:
         print(f"warning: {len(missing)} cases have no row in the annotation CSV (e.g. {missing[0]}); skipped",
               file=sys.stderr)
-    return _run_jobs(e3cnn_grid_case if grid else e3cnn_case, jobs, workers, desc, progress)
+    return _run_jobs(e3cnn_grid_case if grid else e3cnn_case, jobs, workers, desc, progress,
+                     spawn=grid and jitter.unet_path is not None)
 
 
 # ------------------------------------------------------------------------------------------------- augmentation

@@ -38,8 +38,11 @@ JITTER_VAL_SEED = 20_261_202
 
 
 def crop_jitter_of(args) -> "data.CropJitter":
+    unet = getattr(args, "unet_crops", None)
     return data.CropJitter(float(getattr(args, "centre_jitter", 0.0) or 0.0),
-                           float(getattr(args, "scale_jitter", 0.0) or 0.0))
+                           float(getattr(args, "scale_jitter", 0.0) or 0.0),
+                           float(getattr(args, "unet_crop_fraction", 0.5)) if unet else 0.0,
+                           str(unet) if unet else None)
 
 
 def arch_of(args):
@@ -240,6 +243,27 @@ def crop_shape_of(args) -> str:
     return getattr(args, "crop_shape", "box")
 
 
+def check_unet_crops(args) -> str:
+    """--unet-crops must name a U-Net on the grid the crops are cut from (else its masks would be on another grid)."""
+    path = getattr(args, "unet_crops", None)
+    if not path:
+        return ""
+    if not 0.0 < float(args.unet_crop_fraction) <= 1.0:
+        return "--unet-crop-fraction must be in (0, 1]"
+    from ..checkpoints import load_unet
+
+    try:
+        _, info = load_unet(path)
+    except Exception as exc:  # the loader's own message names the problem
+        return f"--unet-crops {path}: {exc}"
+    cfg = info.get("config") or {}
+    size, spacing = cfg.get("input_size"), cfg.get("spacing_mm")
+    if size != args.unet_size or spacing is None or abs(float(spacing) - float(args.unet_spacing)) > 1e-6:
+        return (f"--unet-crops {path}: that U-Net works on a {size}^3 grid at {spacing} mm, but this run cuts its "
+                f"crops from {args.unet_size}^3 at {args.unet_spacing} mm (--unet-size, --unet-spacing)")
+    return ""
+
+
 def run(args) -> int:
     from .common import start_run, train_and_report
 
@@ -251,6 +275,10 @@ def run(args) -> int:
               f"{args.unet_size}^3 at {args.unet_spacing} mm, crop {args.crop_size} ({crop_shape_of(args)}); trained_on: {trained_on}",
               file=sys.stderr)
     prep = (args.unet_spacing, args.unet_size, E3CNNConfig().crop_scale, args.crop_size, crop_shape_of(args))
+    problem = check_unet_crops(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     # one progress bar in a torchrun job: rank 0's
     jitter = crop_jitter_of(args)
     train_cache = data.cache_e3cnn(train_cases, ann, *prep, workers=args.prep_workers, desc="train data",
