@@ -92,7 +92,9 @@ if [ -n "${E6_DIR:-}" ]; then
         --no-intensity-augment --optimizer adam --lr 1e-3 --lr-schedule cosine --batch-size 8 --steps-per-epoch 500 \
         --epochs 1280 --max-val 86 --seed 21 --time-limit 303 --threads 2 --prep-workers 2 --quiet \
         --trained-on "$TO_E6" --resume )
-    e3pose compare cmp_std303 --test-dir cmp/data/test --methods standard-cnn --standard-cnn "$E6_DIR/runs/std303/best.pt"
+    # (with the E3-CNN alone beside it, so both are timed on the same machine)
+    e3pose compare cmp_std303 --test-dir cmp/data/test --methods standard-cnn,e3pose-network \
+        --standard-cnn "$E6_DIR/runs/std303/best.pt"
 else
     echo "compare.sh: E6_DIR not set: the equal-budget standard CNN is skipped"
 fi
