@@ -22,7 +22,7 @@ from .refine import check_refine, refine_pose
 from .judge import judged_pose
 from .residual import correct_pose, frame_choice, mark_doubt
 from .rotation import axes_to_rotation, geodesic_deg, voxel_rotation, world_rotation
-from .segmentation import DEFAULT_THRESHOLDS, brain_and_eyes, check_mask, softmax
+from .segmentation import DEFAULT_THRESHOLDS, check_mask, unet_masks
 
 # other U-Net grids tried, as multiples of the model's spacing, when the first grid's mask is refused (no brain, or
 # a mask at the edge of the field of view): finer first (small brains are the usual miss), then coarser
@@ -167,12 +167,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------ stages
     def segment(self, x_unet):
         """U-Net grid volume (float32, [0,1]) -> (brain mask, eye mask), uint8 on the same grid."""
-        import torch
-
-        with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x_unet, dtype=np.float32))[None, None].to(self.device)
-            logits = self.unet(t.contiguous(memory_format=torch.channels_last_3d))[0].float().cpu().numpy()
-        return brain_and_eyes(softmax(logits, axis=0), self.thresholds)
+        return unet_masks(self.unet, x_unet, self.thresholds, self.device)
 
     def segment_multiscale(self, array, affine, x, unet_affine, fov, source, factors=None):
         """Brain and eyes on the U-Net grid, retried on other grids when the first grid's mask is refused.

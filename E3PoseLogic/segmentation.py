@@ -42,6 +42,17 @@ def brain_and_eyes(posteriors, thresholds=DEFAULT_THRESHOLDS):
     return largest_component(labels == BRAIN), (labels == EYES).astype(np.uint8)
 
 
+def unet_masks(unet, x_unet, thresholds=DEFAULT_THRESHOLDS, device="cpu"):
+    """U-Net grid volume (float32, [0,1]) -> (brain mask, eye mask), uint8 on the same grid: the U-Net's forward pass
+    and the post-processing above, the one place inference and training (``--unet-crops``) make a mask."""
+    import torch
+
+    with torch.inference_mode():
+        t = torch.from_numpy(np.ascontiguousarray(x_unet, dtype=np.float32))[None, None].to(device)
+        logits = unet(t.contiguous(memory_format=torch.channels_last_3d))[0].float().cpu().numpy()
+    return brain_and_eyes(softmax(logits, axis=0), thresholds)
+
+
 def check_mask(mask, source, voxel_volume_mm3, fov=None, min_volume_ml=5.0):
     """Refuse masks the pose cannot be trusted on: empty, tiny, or cut by the edge of the field of view.
 

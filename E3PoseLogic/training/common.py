@@ -210,12 +210,17 @@ def make_optimizer(model, name, lr, weight_decay, momentum=0.99):
 
 
 # ------------------------------------------------------------------------------------------------- loop
+def select_name(args) -> str:
+    """--select of this run ("loss" where the trainer has no such option)."""
+    return getattr(args, "select", None) or "loss"
+
+
 def selection(task, args):
     """-> (--select name, validation key, sign): ``best.pt`` is the epoch with the lowest ``sign * row[key]``.
 
     Why not always the loss: a U-Net trained with the intensity chain is validated on clean volumes, where its
     cross-entropy can rise while its masks get better (session 16), so it is chosen on Dice instead."""
-    name = getattr(args, "select", None) or "loss"
+    name = select_name(args)
     choices = getattr(task, "select_metrics", {"loss": ("val_loss", 1.0)})
     if name not in choices:
         raise ValueError(f"--select {name}: this network is chosen on one of {', '.join(choices)}")
@@ -395,7 +400,7 @@ def base_provenance(args, kind, trained_on, n_train, n_val, epochs_done, elapsed
         "training_time_s": round(float(elapsed_s), 1), "hardware": hardware(device),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "git_commit": git_commit(), "e3pose_version": __version__,
-        "best_epoch": best_epoch, "best_val": best_row, "selected_on": getattr(args, "select", None) or "loss",
+        "best_epoch": best_epoch, "best_val": best_row, "selected_on": select_name(args),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     prov.update(extra or {})

@@ -150,8 +150,12 @@ class CropJitter:
         return self.centre_sd_mm > 0 or self.scale_sd > 0
 
     @property
+    def uses_unet(self) -> bool:
+        return self.unet_fraction > 0 and self.unet_path is not None
+
+    @property
     def active(self) -> bool:
-        return self.moves or (self.unet_fraction > 0 and self.unet_path is not None)
+        return self.moves or self.uses_unet
 
     def reach(self, side: float, spacing: float) -> int:
         """Half-width (U-Net voxels) of the grid a crop of ``side`` can reach under the largest draw."""
@@ -175,18 +179,12 @@ _UNETS: Dict[str, tuple] = {}  # per process: the --unet-crops network, loaded o
 
 def unet_crop_box(x_unet, unet_path: str, crop_scale: float, crop_size: int) -> Optional[CropBox]:
     """The cube crop inference would place from this U-Net's brain mask on ``x_unet`` (None: no usable mask)."""
-    import torch
-
     from ..checkpoints import load_unet
-    from ..segmentation import brain_and_eyes, softmax
+    from ..segmentation import unet_masks
 
     if unet_path not in _UNETS:
         _UNETS[unet_path] = load_unet(unet_path)
-    net = _UNETS[unet_path][0]
-    with torch.inference_mode():
-        t = torch.from_numpy(np.ascontiguousarray(x_unet, dtype=np.float32))[None, None]
-        post = softmax(net(t)[0].float().numpy(), axis=0)
-    brain = brain_and_eyes(post)[0]
+    brain = unet_masks(_UNETS[unet_path][0], x_unet)[0]
     if brain.sum() < 8:
         return None
     return cube_box(x_unet, brain, crop_scale, crop_size)
@@ -211,8 +209,7 @@ def e3cnn_grid_case(img_path, lab_path, r_vc, spacing: float, size: int, crop_sc
     x_unet, brain = _unet_brain(img_path, lab_path, spacing, size)
     box = cube_box(x_unet, brain, crop_scale, crop_size)
     half = jitter.reach(box.side, spacing)
-    ubox = unet_crop_box(x_unet, jitter.unet_path, crop_scale, crop_size) \
-        if jitter.unet_path is not None and jitter.unet_fraction > 0 else None
+    ubox = unet_crop_box(x_unet, jitter.unet_path, crop_scale, crop_size) if jitter.uses_unet else None
     if ubox is not None:
         half = max(half, int(np.ceil(np.abs(ubox.centre - box.centre).max() + ubox.side / 2.0)) + 2)
     origin = np.floor(box.centre).astype(np.int64) - half
@@ -230,7 +227,7 @@ def jittered_crop(case: GridCase, rng=None, jitter: Optional[CropJitter] = None)
     found the brain), else the true mask's cube moved and scaled by ``jitter`` (none: the true mask's crop)."""
     box = case.box
     if rng is not None and jitter is not None:
-        if jitter.unet_fraction > 0 and case.unet_box is not None and rng.random() < jitter.unet_fraction:
+        if jitter.uses_unet and case.unet_box is not None and rng.random() < jitter.unet_fraction:
             box = case.unet_box
         elif jitter.moves:
             d, z = jitter.draw(rng, case.spacing_mm)
@@ -294,7 +291,7 @@ def cache_e3cnn(cases, annotations, spacing, size, crop_scale, crop_size, crop_s
         print(f"warning: {len(missing)} cases have no row in the annotation CSV (e.g. {missing[0]}); skipped",
               file=sys.stderr)
     return _run_jobs(e3cnn_grid_case if grid else e3cnn_case, jobs, workers, desc, progress,
-                     spawn=grid and jitter.unet_path is not None)
+                     spawn=grid and jitter.uses_unet)
 
 
 # ------------------------------------------------------------------------------------------------- augmentation
