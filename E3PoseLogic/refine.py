@@ -125,7 +125,6 @@ class MirrorScore:
         scipy's map_coordinates here): the search's table, a polish step. Outside the cube is zero, interpolated
         within the voxel beyond its faces (scipy's "grid-constant" mode)."""
         import torch
-        import torch.nn.functional as F
 
         # grid_sample's coordinates: its last axis is (x, y, z) = the cube's (k, j, i), and with align_corners -1
         # and 1 are the first and last voxel centres, i.e. (index - c) / c = mm / (sp c). Points and normals are
@@ -143,14 +142,31 @@ class MirrorScore:
         with torch.inference_mode():
             d = n_t @ p.T - torch.from_numpy(off.astype(np.float32))[:, None]  # [B, P]: distance to each plane
             grid = torch.addcmul(p[None], d[..., None], n_t[:, None, :], value=-2.0)  # reflected points [B, P, 3]
-            w = F.grid_sample(cube, grid.reshape(1, len(nv), -1, 1, 3), mode="bilinear", padding_mode="zeros",
-                              align_corners=True)
+            w = sample_trilinear(cube, grid.reshape(-1, 3))
         w = w.reshape(len(nv), -1).double()
         w = w - w.mean(dim=1, keepdim=True)
         return ((w @ v) / (self.vn * (w.norm(dim=1) + 1e-12))).numpy()
 
     def __call__(self, normal, offset=0.0):
         return float(self.scores(normal, [offset])[0])
+
+
+def sample_trilinear(cube, points):
+    """``grid_sample`` of ``cube`` [1, 1, D, H, W] at ``points`` [T, 3] (its (x, y, z) order and scale, zeros
+    outside) -> [T]. PyTorch's 3D grid_sample on the CPU gives each batch entry one thread, so the points are dealt
+    out as one batch entry per thread: the same values, the time divided by the threads (the refinement's largest
+    cost: 0.30 -> 0.15 s per volume on 2 cores)."""
+    import torch
+    import torch.nn.functional as F
+
+    total = points.shape[0]
+    n = max(1, min(torch.get_num_threads(), total // 4096))
+    pad = (-total) % n
+    if pad:
+        points = torch.cat([points, points.new_zeros(pad, 3)])
+    w = F.grid_sample(cube.expand(n, -1, -1, -1, -1), points.reshape(n, -1, 1, 1, 3), mode="bilinear",
+                      padding_mode="zeros", align_corners=True)
+    return w.reshape(-1)[:total]
 
 
 def hemisphere(n):
@@ -310,13 +326,36 @@ def slab_points(normal, offset, u, v, radius, cfg, warp=None):
 
 
 def sample_slabs(cube, sp, points):
-    """Slab intensities [C, S, S]: mean of the two sides of each offset."""
-    from scipy import ndimage
-
+    """Slab intensities [..., C, S, S] from slab points [..., C, 2, S, S, 3]: the mean of the two sides of each
+    offset. Several slabs in one call share the work out over the CPU's threads."""
     c = (cube.shape[0] - 1) / 2.0
     shape = points.shape[:-1]
-    vals = ndimage.map_coordinates(cube, (points.reshape(-1, 3) / sp + c).T, order=1, mode="constant", cval=0.0)
-    return vals.reshape(shape).mean(axis=1).astype(np.float32)
+    vals = linear_at(cube, (points.reshape(-1, 3) / sp + c).T)
+    return vals.reshape(shape).mean(axis=-3).astype(np.float32)
+
+
+_POOL = None
+
+
+def linear_at(volume, coords, min_chunk=20000):
+    """scipy's trilinear ``map_coordinates`` of ``volume`` at index coordinates ``coords`` [3, T] (zero outside), in
+    chunks on a small thread pool: it releases the GIL, so each chunk runs on its own core (the same values)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scipy import ndimage
+
+    def run(part):
+        return ndimage.map_coordinates(volume, part, order=1, mode="constant", cval=0.0)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = max(1, min(cores, 4, coords.shape[1] // min_chunk))
+    if n == 1:
+        return run(coords)
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():  # a forked child inherits the pool object but not its threads
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="e3pose-slabs"))
+    return np.concatenate(list(_POOL[1].map(run, np.array_split(coords, n, axis=1))))
 
 
 def normalise_slab(x):
@@ -347,7 +386,7 @@ def read_plane(net, cube, sp, radius, plane, n_turns=8, shift=None) -> Reading:
     from .rotation import axes_to_rotation
 
     cfg = net.config
-    batch, bases = [], []
+    points, bases = [], []
     for side in (1.0, -1.0):
         n = side * plane.normal
         u0, v0 = slab_basis(n)
@@ -357,8 +396,9 @@ def read_plane(net, cube, sp, radius, plane, n_turns=8, shift=None) -> Reading:
             pts = slab_points(n, side * plane.offset, u, v, radius, cfg)
             if shift is not None:  # slab centre moved within the plane (cube mm)
                 pts = pts + shift
-            batch.append(normalise_slab(sample_slabs(cube, sp, pts)))
+            points.append(pts)
             bases.append((u, v))
+    batch = [normalise_slab(x) for x in sample_slabs(cube, sp, np.stack(points))]
     with torch.inference_mode():
         out = net(torch.from_numpy(np.stack(batch))).double().numpy()
     ys, zs, cs = [], [], []

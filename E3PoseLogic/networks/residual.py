@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import _Serialisable
+from .conv3d import Conv3d
 
 @dataclass
 class ResidualConfig(_Serialisable):
@@ -41,7 +42,7 @@ class ResidualConfig(_Serialisable):
 def _block(c_in, c_out, n_conv=2):
     layers = []
     for k in range(n_conv):
-        layers += [nn.Conv3d(c_in if k == 0 else c_out, c_out, 3, padding=1), nn.BatchNorm3d(c_out),
+        layers += [Conv3d(c_in if k == 0 else c_out, c_out, 3, padding=1), nn.BatchNorm3d(c_out),
                    nn.ReLU(inplace=True)]
     return nn.Sequential(*layers, nn.MaxPool3d(2))
 

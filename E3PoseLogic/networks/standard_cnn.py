@@ -21,6 +21,7 @@ import torch
 
 from ..crop import check_crop_shape
 from .config import _Serialisable
+from .conv3d import Conv3d
 
 NORMS = ("instance", "batch")
 
@@ -51,7 +52,7 @@ class StandardCNNConfig(_Serialisable):
 
 def _block(c_in, c_out, k, stride, norm):
     norm_layer = torch.nn.InstanceNorm3d(c_out, affine=True) if norm == "instance" else torch.nn.BatchNorm3d(c_out)
-    return torch.nn.Sequential(torch.nn.Conv3d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False),
+    return torch.nn.Sequential(Conv3d(c_in, c_out, k, stride=stride, padding=k // 2, bias=False),
                                norm_layer, torch.nn.ReLU(inplace=True))
 
 

@@ -6,12 +6,13 @@ from torch import nn
 import torch.nn.functional as F
 
 from .config import UNetConfig
+from .conv3d import Conv3d
 
 
 def _block(c_in, c_out, n_conv, k):
     layers = []
     for i in range(n_conv):
-        layers += [nn.Conv3d(c_in if i == 0 else c_out, c_out, k, padding=k // 2), nn.ELU()]
+        layers += [Conv3d(c_in if i == 0 else c_out, c_out, k, padding=k // 2), nn.ELU()]
     layers.append(nn.BatchNorm3d(c_out))  # once per block, after the convolutions (published layout)
     return nn.Sequential(*layers)
 
@@ -29,7 +30,7 @@ class UNet(nn.Module):
         self.list_decoder_blocks = nn.ModuleList(
             _block(feats[i] + feats[i + 1], feats[i], cfg.n_conv, cfg.kernel_size)
             for i in reversed(range(cfg.n_levels - 1)))  # index 0 = deepest
-        self.last_conv = nn.Conv3d(feats[0], cfg.out_channels, 1)
+        self.last_conv = Conv3d(feats[0], cfg.out_channels, 1)
 
     def forward(self, x):
         skips = []
