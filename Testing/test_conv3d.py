@@ -1,5 +1,5 @@
-"""networks.conv3d (oneDNN for single-volume CPU convolutions) and refine.sample_trilinear (grid_sample over threads):
-both are speed changes only, so each must give what the plain PyTorch call gives."""
+"""networks.conv3d (oneDNN for single-volume CPU convolutions), refine.sample_trilinear (grid_sample over threads) and
+refine.linear_at (map_coordinates over threads): speed changes only, so each must give what the plain call gives."""
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -96,3 +96,31 @@ def test_sample_trilinear_equals_one_grid_sample_call(threads, total):
         torch.set_num_threads(before)
     assert got.shape == (total,)
     assert torch.equal(got, ref)  # each point is interpolated by the same code: the same bits
+
+
+@pytest.mark.parametrize("min_chunk", [10, 1000, 10 ** 9])
+def test_linear_at_equals_one_map_coordinates_call(min_chunk):
+    import numpy as np
+    from scipy import ndimage
+
+    from E3PoseLogic.refine import linear_at
+
+    rng = np.random.default_rng(2)
+    volume = rng.random((9, 10, 11)).astype(np.float32)
+    coords = rng.uniform(-1.5, 11.5, size=(3, 5003))  # some outside: zeros there
+    ref = ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0)
+    assert np.array_equal(linear_at(volume, coords, min_chunk=min_chunk), ref)
+
+
+def test_sample_slabs_of_several_slabs_equal_each_alone():
+    import numpy as np
+
+    from E3PoseLogic.refine import sample_slabs
+
+    rng = np.random.default_rng(3)
+    cube = rng.random((20, 20, 20)).astype(np.float32)
+    points = rng.uniform(-25.0, 25.0, size=(5, 2, 2, 6, 6, 3))  # 5 slabs of [C=2, 2 sides, 6, 6] points, mm
+    together = sample_slabs(cube, 2.5, points)
+    assert together.shape == (5, 2, 6, 6)
+    for k in range(5):
+        assert np.array_equal(together[k], sample_slabs(cube, 2.5, points[k]))
