@@ -339,17 +339,18 @@ _POOL = None
 
 def linear_at(volume, coords, min_chunk=20000):
     """scipy's trilinear ``map_coordinates`` of ``volume`` at index coordinates ``coords`` [3, T] (zero outside), in
-    chunks on a small thread pool: it releases the GIL, so each chunk runs on its own core (the same values)."""
+    chunks on a small thread pool: it releases the GIL, so each chunk runs on its own core (the same values). As many
+    chunks as torch has threads (at most 4), so a thread limit set for the pipeline holds here too."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
+    import torch
     from scipy import ndimage
 
     def run(part):
         return ndimage.map_coordinates(volume, part, order=1, mode="constant", cval=0.0)
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = max(1, min(cores, 4, coords.shape[1] // min_chunk))
+    n = max(1, min(torch.get_num_threads(), 4, coords.shape[1] // min_chunk))
     if n == 1:
         return run(coords)
     global _POOL

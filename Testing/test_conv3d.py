@@ -98,8 +98,9 @@ def test_sample_trilinear_equals_one_grid_sample_call(threads, total):
     assert torch.equal(got, ref)  # each point is interpolated by the same code: the same bits
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("min_chunk", [10, 1000, 10 ** 9])
-def test_linear_at_equals_one_map_coordinates_call(min_chunk):
+def test_linear_at_equals_one_map_coordinates_call(min_chunk, threads):
     import numpy as np
     from scipy import ndimage
 
@@ -109,7 +110,13 @@ def test_linear_at_equals_one_map_coordinates_call(min_chunk):
     volume = rng.random((9, 10, 11)).astype(np.float32)
     coords = rng.uniform(-1.5, 11.5, size=(3, 5003))  # some outside: zeros there
     ref = ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0)
-    assert np.array_equal(linear_at(volume, coords, min_chunk=min_chunk), ref)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)  # the number of chunks follows torch's threads
+        got = linear_at(volume, coords, min_chunk=min_chunk)
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(got, ref)
 
 
 def test_sample_slabs_of_several_slabs_equal_each_alone():

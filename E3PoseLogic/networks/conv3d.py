@@ -25,9 +25,9 @@ def _autocast_on() -> bool:
 
 
 def onednn_applies(x, weight) -> bool:
-    """Whether ``conv3d`` sends this call to oneDNN directly (see the module's docstring)."""
+    """Whether ``Conv3d`` sends this call to oneDNN directly (see the module's docstring)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() == 5
-            and not x.requires_grad and not torch.is_grad_enabled() and not x.is_mkldnn
+            and not torch.is_grad_enabled() and not x.is_mkldnn
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _autocast_on())
 
 
