@@ -8,6 +8,8 @@ that no longer helps fails.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,7 @@ pytest.importorskip("e3nn")
 N_PER_KIND = 6
 MEDIAN_ROTATION_BOUND_DEG = 25.0  # the E3-CNN alone: held-out median 11.0 deg
 REFINED_MEDIAN_BOUND_DEG = 5.0  # refined: held-out median 1.96 deg (standard 1.2, navigator-like 4.1)
-MEDIAN_TRANSLATION_BOUND_MM = 1.5  # refined centre: held-out median 0.63 mm
+MEDIAN_TRANSLATION_BOUND_MM = 1.5  # refined centre: held-out median 0.60 mm
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +83,10 @@ def test_bundled_model_finds_the_brain(errors):
     assert np.median(trans) < MEDIAN_TRANSLATION_BOUND_MM, np.round(trans, 1)
 
 
-def _refused_on_the_model_grid_then_found(seed, navigator, refusal):
+def _refused_on_the_model_grid_then_found(seed, navigator, refusal, unet=None):
     """The pipeline's pose for a 20-week synthetic head whose mask on the model's own U-Net grid is refused with
-    ``refusal`` (the premise is checked): it must come from a finer retry grid, at the brain."""
+    ``refusal`` (the premise is checked): it must come from a finer retry grid, at the brain. ``unet``: another
+    U-Net file than the bundled one (with the bundled E3-CNN and refinement)."""
     from E3PoseLogic import frames
     from E3PoseLogic.models import default_model
     from E3PoseLogic.pipeline import Pipeline
@@ -95,7 +98,7 @@ def _refused_on_the_model_grid_then_found(seed, navigator, refusal):
     model = default_model()
     if model.random_weights:
         pytest.skip("no trained model is bundled")
-    pipe = Pipeline.from_files(model.unet, model.e3cnn, device="cpu", refiner_path=model.refiner,
+    pipe = Pipeline.from_files(unet or model.unet, model.e3cnn, device="cpu", refiner_path=model.refiner,
                                residual_path=model.residual, judge_path=model.judge)
     case = make_case(seed, 2, SynthConfig(acquisition=AcquisitionConfig(navigator=navigator)), ga_weeks=20.0)
     image = case.image.astype(np.float32)
@@ -113,21 +116,25 @@ def _refused_on_the_model_grid_then_found(seed, navigator, refusal):
 
 def test_small_brain_missed_on_the_model_grid_is_found_on_a_finer_one():
     """A 20-week head on a navigator-like grid: the U-Net's 6 mm grid finds no brain, a finer retry grid (4 mm for
-    this head) does, and the pose is made from it instead of a refusal."""
+    this head) does, and the pose is made from it instead of a refusal. (Session 26's U-Net finds the brain of the
+    head this test used before, seed 9201, on its first grid.)"""
     from E3PoseLogic.errors import NoBrainFound
 
-    dist, dice = _refused_on_the_model_grid_then_found(9201, True, NoBrainFound)
+    dist, dice = _refused_on_the_model_grid_then_found(9210, True, NoBrainFound)
     # the brain, not somewhere else: a 20-week brain is about 50 mm across
-    assert dist < 6.0  # measured 3.1 mm
-    assert dice > 0.6, dice  # measured 0.76
+    assert dist < 6.0  # measured 2.6 mm
+    assert dice > 0.6, dice  # measured 0.75
 
 
 def test_small_brain_leaking_to_the_edge_is_found_on_a_finer_grid():
     """A 20-week head on a standard grid: on the 6 mm grid the mask runs to the edge of the field of view (a
-    refusal, as for a cut-off head); the 5 mm retry grid keeps to the brain."""
+    refusal, as for a cut-off head); the 5 mm retry grid keeps to the brain. The bundled U-Net no longer leaks on
+    the small heads tried (session 26: seeds 9210-9330 and 9400-9630 of this kind), so the U-Net bundled before it,
+    kept as the start of its training (Resources/training/init/unet_phase2.pt), makes the mistake here."""
     from E3PoseLogic.errors import MaskAtBorder
 
-    dist, dice = _refused_on_the_model_grid_then_found(9211, False, MaskAtBorder)
+    unet = Path(__file__).resolve().parents[1] / "Resources" / "training" / "init" / "unet_phase2.pt"
+    dist, dice = _refused_on_the_model_grid_then_found(9211, False, MaskAtBorder, unet=unet)
     assert dist < 3.0  # measured 0.39 mm
     assert dice > 0.55, dice  # measured 0.70
 

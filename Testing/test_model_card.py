@@ -45,7 +45,9 @@ def test_card_accuracy_writes_the_warning_from_the_sets(tmp_path):
     ca.main([str(card), "--set", "synthetic_full_pipeline", str(tmp_path / "syn"),
              "--set", "transfer_full_pipeline", str(tmp_path / "tra")])
     w = json.loads(card.read_text())["warning"]
-    assert "(MNI-based transfer set) 5.0 degrees median (8.9 on navigator-like volumes) with 8 % off by more than 60" in w
+    assert "(MNI-based transfer set) 5.0 degrees median (8.9 on navigator-like volumes) with 8.1 % off by more than 60" in w
+    # one volume in 200 is 0.5 %, not "0 %"; whole per cent from 10 % on
+    assert [ca._pct(x) for x in (0.0, 0.005, 0.015, 0.02, 0.17)] == ["0 %", "0.5 %", "1.5 %", "2 %", "17 %"]
     # a card without a synthetic set keeps the warning it has
     card.write_text(json.dumps({"warning": "old text"}))
     ca.main([str(card), "--set", "transfer_full_pipeline", str(tmp_path / "tra")])

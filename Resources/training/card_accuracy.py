@@ -40,7 +40,9 @@ def block(summary):
 
 
 def _pct(x):
-    return f"{100 * x:.0f} %"
+    """Whole per cent, but one decimal below 10 % (one volume in 200 is 0.5 %, not "0 %")."""
+    v = 100 * x
+    return f"{v:.0f} %" if v >= 10 or v == 0 else f"{round(v, 1):g} %"
 
 
 def warning_from(card):
@@ -55,7 +57,7 @@ def warning_from(card):
     def rot(entry, group="all"):
         return (entry.get(group) or {}).get("rotation_deg") or {}
 
-    text = ("trained on synthetic data only, small CPU-trained networks: on held-out synthetic volumes the refined median "
+    text = ("trained on synthetic data only, small networks: on held-out synthetic volumes the refined median "
             f"rotation error is {rot(syn)['median']:.1f} degrees ({rot(syn, 'standard')['median']:.1f} on standard "
             f"volumes, {rot(syn, 'navigator')['median']:.1f} on navigator-like ones; {_pct(rot(syn)['failure_60'])} "
             "off by more than 60 degrees, refused volumes included)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# How the bundled default model (E3PoseLogic/data/models/default) was made, on a 2-core CPU without a GPU, and how to
-# make it again. Run from an empty working folder with the E3Pose venv active:  bash /path/to/default_model_cpu.sh
+# How the bundled default model (E3PoseLogic/data/models/default) was made, on a 2-core CPU (and, for the U-Net's last
+# two phases, 9.4 minutes of one GPU: without a GPU the recipe stops the U-Net at phase 2), and how to make it again. Run from an empty working folder with the E3Pose venv active:  bash /path/to/default_model_cpu.sh
 # About 25 min of data generation, 7.5 h of training on 2 cores (U-Net phase 1, 30 epochs, beside the E3-CNN's 23, each
 # re-reading its data once per epoch (see run_to); U-Net phase 2, 15 epochs, about 30 min; then the refiner, about
 # 80 min, the residual network, about 90 min, and the frame judge, 18 min), 10 min of testing.
@@ -153,6 +153,27 @@ run_to 15 runs/unet e3pose train-unet train_unet2/images train_unet2/labels val_
     runs/unet --unet-size 64 --unet-spacing 6 --n-feat 8 --batch-size 2 --steps-per-epoch 50 --epochs 20 \
     --optimizer adam --lr 0.0005 --lr-schedule cosine --weight-decay 0 --no-augment --threads 2 --seed 7 \
     --max-val 84 --bn-recalibrate 32 --quiet --trained-on "$TO2" --init runs/unet_p1/best.pt
+# U-Net phases 3 and 4 (session 26, the shipped U-Net; NOT CPU: one NVIDIA H200 with 14 CPU worker processes):
+# from phase 2's best, every training draw a new phantom made on the fly (gpu_unet_stream.py: e3pose synth's generator,
+# recipes 25 % plain, 15 % plain navigator-like, 30 % varied with random contrast in 20 %, 20 % varied navigator-like,
+# 10 % varied navigator-like 20-27 weeks; seeds 7000-7004, then 7100-7104), batch 16, Adam cosine (7e-4 over 5.2 min,
+# then 4e-4 over 4.2 min), bf16 autocast, selected by brain Dice on the same 84 volumes as phase 2 (31, 32n, 63, 64n):
+# 0.829 -> 0.877 -> 0.889 (mean), centre error 2.79 -> 1.94 -> 1.82 mm (median). 9,238 phantoms, 4,474 steps, 9.4 GPU
+# minutes. On a machine without SimpleITK add --scipy-resample (the same values). Time-limited: on a slower GPU or
+# with fewer workers the same minutes see fewer phantoms.
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    # as shipped, from the U-Net of phase 2 that was bundled before (init/unet_phase2.pt; runs/unet/best.pt is the
+    # rebuilt one, not the same bytes)
+    E3POSE_SEED_BASE=7000 python "$HERE/gpu_unet_stream.py" train --init "$INIT/unet_phase2.pt" --out runs/unet_gpu1 \
+        --minutes 5.2 --batch 16 --lr 7e-4 --val-every 40
+    E3POSE_SEED_BASE=7100 python "$HERE/gpu_unet_stream.py" train --init runs/unet_gpu1/unet.pt --out runs/unet_gpu2 \
+        --minutes 4.2 --batch 16 --lr 4e-4 --val-every 40
+    cp runs/unet_gpu2/unet.pt runs/unet/best.pt  # what the rest of the recipe and make_model_card.py use
+    python "$HERE/gpu_unet_stream.py" curve runs/unet_gpu_metrics.csv runs/unet_gpu_learning_curve.png \
+        runs/unet_gpu1/log.csv runs/unet_gpu2/log.csv
+else
+    echo "no GPU: the U-Net stays at phase 2 (the U-Net bundled before session 26)" >&2
+fi
 # refinement network (mirror plane + mid-sagittal 2D CNN; Adam 1e-3, cosine over --steps: a fixed number of steps,
 # so the stopping point does not depend on the machine). As it ran: 5,000 steps, then --resume to 10,000, then
 # --resume to 20,000 (each resume restarts the cosine schedule at half the rate and anneals it to 0 by the new
@@ -229,3 +250,5 @@ python "$HERE/card_accuracy.py" "${OUT:-default}/model_card.json" --set syntheti
 # the transfer summaries ship beside the held-out ones (make_model_card.py copies those)
 cp ev_transfer/summary.json "${OUT:-default}/transfer_summary_full_pipeline.json"
 cp ev_transfer_gt/summary.json "${OUT:-default}/transfer_summary_gt_mask.json"
+# the U-Net's GPU phases (session 26): their validation log and curve
+if [ -f runs/unet_gpu_metrics.csv ]; then cp runs/unet_gpu_metrics.csv runs/unet_gpu_learning_curve.png "${OUT:-default}/"; fi
