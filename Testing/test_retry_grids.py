@@ -45,8 +45,12 @@ def test_attempts_are_kept_and_subsets_scored_as_the_pipeline_chooses(tmp_path, 
     for rec in records:
         spacings = [a["unet_spacing_mm"] for a in rec["attempts"]]
         assert spacings == pytest.approx([6.0, 5.0, 4.0])
+        assert "rotation_voxel" in rec["attempts"][0]  # the first grid's mask was accepted on these volumes
         for a in rec["attempts"]:
-            assert np.asarray(a["rotation_voxel"]).shape == (3, 3) and len(a["translation_ras"]) == 3
+            if "refused" in a:  # a retry grid whose mask the pipeline refuses has no pose, only the reason
+                assert a["refused"] and "rotation_voxel" not in a
+            else:
+                assert np.asarray(a["rotation_voxel"]).shape == (3, 3) and len(a["translation_ras"]) == 3
         first_errors.append(geodesic_deg(np.asarray(rec["attempts"][0]["rotation_voxel"]),
                                          truth[rec["frame_id"]]["rotation_voxel"]))
         # the pipeline with only these grids keeps the attempt the script's choice names

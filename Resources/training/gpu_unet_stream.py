@@ -1,19 +1,21 @@
-"""Train the segmentation U-Net on a GPU from phantoms made on the fly (session 26, the one GPU lease so far).
+"""Train the segmentation U-Net on a GPU from phantoms made on the fly (how the bundled U-Net's last two phases ran).
 
-Why: the bundled U-Net saw about 4,500 training draws on a 2-core CPU (brain Dice 0.86 on the held-out set, 0.75 on
-the real-anatomy transfer set), and its mask places the E3-CNN's crop: with the true mask the E3-CNN alone is
-9.9 deg median / 4.5 % above 60 on the held-out set, with the U-Net's 11.0 deg / 17 %. A GPU runs this small U-Net
-(64^3 at 6 mm, 8 features) faster than phantoms can be drawn, so every draw is a new phantom: CPU worker processes
-run ``synth.make_case`` and the inference preprocessing (``preprocess.unet_input``, labels nearest onto that grid,
-as ``training.data.unet_case`` does from files), the GPU trains on a buffer of the newest cases.
+Why: the U-Net bundled before session 26 had seen about 4,500 training draws on a 2-core CPU (brain Dice 0.86 on the
+held-out set, 0.75 on the real-anatomy transfer set), and its mask places the E3-CNN's crop: with the true mask the
+E3-CNN alone is 9.9 deg median / 4.5 % above 60 on the held-out set, with that U-Net's 11.0 deg / 17 %. A GPU runs
+this small U-Net (64^3 at 6 mm, 8 features) faster than phantoms can be drawn, so every draw is a new phantom: CPU
+worker processes run ``synth.make_case`` and the inference preprocessing (``preprocess.unet_input``, labels nearest
+onto that grid, as ``training.data.unet_case`` does from files), the GPU trains on a buffer of the newest cases.
+The phantom seeds start at ``$E3POSE_SEED_BASE`` (default 7000), one seed per recipe.
 
-    python Resources/training/gpu_unet_stream.py train --init E3PoseLogic/data/models/default/unet.pt \
-        --out runs/unet_gpu --minutes 7 --workers 15
-    python Resources/training/gpu_unet_stream.py bench -- --device cuda --repeats 20 --startup-runs 0
+    E3POSE_SEED_BASE=7000 python Resources/training/gpu_unet_stream.py train \
+        --init Resources/training/init/unet_phase2.pt --out runs/unet_gpu1 --minutes 5.2 --lr 7e-4
+    python Resources/training/gpu_unet_stream.py bench -- --variant default --device cuda --repeats 20 --startup-runs 0
+    python Resources/training/gpu_unet_stream.py curve metrics.csv curve.png runs/unet_gpu1/log.csv ...
 
-``--scipy-resample`` (both commands) replaces SimpleITK's resampling by ``scipy_resample_to_grid``, which gives
-the same values (``check`` compares them on phantoms): for machines where SimpleITK cannot be installed (the GPU
-machine of this project could not carry its 53 MB wheel).
+``--scipy-resample`` (train, bench) replaces SimpleITK's resampling by ``scipy_resample_to_grid``, which gives
+the same values (``check`` compares them on phantoms; Testing/test_gpu_unet_stream.py too): for machines where
+SimpleITK cannot be installed (the GPU machine of this project could not carry its 53 MB wheel).
 """
 from __future__ import annotations
 
