@@ -17,6 +17,27 @@ from .common import base_provenance
 from .losses import hard_dice, unet_loss
 
 
+def recalibrate_batchnorm(model, batches):
+    """BatchNorm running statistics as cumulative averages over ``batches`` (input tensors on the model's device),
+    run in train mode without gradients; the layers' momenta and the model's mode are restored (why: see
+    ``UNetTask.recalibrate_batchnorm``)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.train(was_training)
+
+
 class UNetTask:
     kind = "unet"
     metric_keys = ("val_dice_brain", "val_dice_eyes")
@@ -59,25 +80,13 @@ class UNetTask:
         entirely while train mode found it. Cumulative averages over clean inputs fix that; they do not affect
         training, which uses batch statistics.
         """
-        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         n = min(len(self.train_cache), n_cases or self.args.bn_recalibrate)
-        if not bns or n <= 0:
+        if n <= 0:
             return
-        momenta = [m.momentum for m in bns]
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average
-        was_training = model.training
-        model.train()
         bs = batch_size or self.args.batch_size
         idx = np.linspace(0, len(self.train_cache) - 1, n).round().astype(int)
-        with torch.no_grad():
-            for i in range(0, n, bs):
-                x, _ = self.collate([self.train_cache[k] for k in idx[i:i + bs]])
-                model(x.to(device))
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.train(was_training)
+        recalibrate_batchnorm(model, (self.collate([self.train_cache[k] for k in idx[i:i + bs]])[0].to(device)
+                                      for i in range(0, n, bs)))
 
     def validate(self, model, device, batch_size=None):
         """Mean loss over the validation cases (no augmentation) and hard Dice of the argmax labels, in eval mode

@@ -14,7 +14,7 @@ The phantom seeds start at ``$E3POSE_SEED_BASE`` (default 7000), one seed per re
     python Resources/training/gpu_unet_stream.py curve metrics.csv curve.png runs/unet_gpu1/log.csv ...
 
 ``--scipy-resample`` (train, bench) replaces SimpleITK's resampling by ``scipy_resample_to_grid``, which gives
-the same values (``check`` compares them on phantoms; Testing/test_gpu_unet_stream.py too): for machines where
+the same values (Testing/test_gpu_unet_stream.py compares them): for machines where
 SimpleITK cannot be installed (the GPU machine of this project could not carry its 53 MB wheel).
 """
 from __future__ import annotations
@@ -123,6 +123,16 @@ def val_jobs(scipy_resample):
 
 
 # ------------------------------------------------------------------------------------------------ training
+METRICS = ("dice_mean", "dice_median", "dice_p10", "centre_median_mm", "centre_p90_mm", "share_centre_above_4mm")
+
+
+def inputs(cases, device):
+    """The U-Net input batch [N, 1, 64, 64, 64] float32 of (x, labels, tag) cases."""
+    import torch
+
+    return torch.from_numpy(np.stack([c[0] for c in cases]).astype(np.float32))[:, None].to(device)
+
+
 def evaluate(model, val, device):
     """Brain Dice of the inference mask (thresholds + largest component) and its centre-of-mass error (mm)."""
     import torch
@@ -134,8 +144,7 @@ def evaluate(model, val, device):
     dice, centre = [], []
     with torch.no_grad():
         for i in range(0, len(val), 16):
-            xs = torch.from_numpy(np.stack([v[0] for v in val[i:i + 16]]).astype(np.float32))[:, None].to(device)
-            post = torch.softmax(model(xs).float(), 1).cpu().numpy()
+            post = torch.softmax(model(inputs(val[i:i + 16], device)).float(), 1).cpu().numpy()
             for p, (_, y, _) in zip(post, val[i:i + 16]):
                 brain, _ = brain_and_eyes(p)
                 truth = (y == 1)
@@ -152,23 +161,6 @@ def evaluate(model, val, device):
             "centre_p90_mm": float(np.percentile(c, 90)), "share_centre_above_4mm": float(np.mean(c > 4))}
 
 
-def recalibrate(model, cases, device):
-    """BatchNorm running statistics re-estimated on clean cases (cumulative), as ``UNetTask.recalibrate_batchnorm``."""
-    import torch
-
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i in range(0, len(cases), 16):
-            xs = torch.from_numpy(np.stack([c[0] for c in cases[i:i + 16]]).astype(np.float32))[:, None].to(device)
-            model(xs)
-    for m in bns:
-        m.momentum = 0.1
-
-
 def train(a):
     import multiprocessing as mp
 
@@ -182,6 +174,7 @@ def train(a):
 
     from E3PoseLogic.checkpoints import load_unet, save_native
     from E3PoseLogic.training.losses import unet_loss
+    from E3PoseLogic.training.unet_trainer import recalibrate_batchnorm
 
     device = torch.device(a.device)
     torch.manual_seed(a.seed)
@@ -194,8 +187,7 @@ def train(a):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.csv", "w")
-    log.write("step,seconds,cases_seen,lr,loss,dice_mean,dice_median,dice_p10,centre_median_mm,centre_p90_mm,"
-              "share_centre_above_4mm\n")
+    log.write(",".join(("step", "seconds", "cases_seen", "lr", "loss") + METRICS) + "\n")
 
     def pull(block):
         nonlocal seen
@@ -214,8 +206,7 @@ def train(a):
         pull(True)
     base = evaluate(model, val, device)
     print(f"start ({len(buffer)} cases after {time.perf_counter() - t0:.0f} s): {base}", flush=True)
-    log.write(f"0,{time.perf_counter() - t0:.1f},{seen},0,nan," + ",".join(f"{base[k]:.5f}" for k in (
-        "dice_mean", "dice_median", "dice_p10", "centre_median_mm", "centre_p90_mm", "share_centre_above_4mm")) + "\n")
+    log.write(f"0,{time.perf_counter() - t0:.1f},{seen},0,nan," + ",".join(f"{base[k]:.5f}" for k in METRICS) + "\n")
     best = (base["dice_mean"], 0, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, base)
     rng = np.random.default_rng(a.seed)
     budget = a.minutes * 60.0
@@ -226,15 +217,14 @@ def train(a):
         elapsed = time.perf_counter() - t_train
         done = elapsed >= budget or (a.max_steps and step >= a.max_steps)
         if done or time.perf_counter() - last_val >= a.val_every:
-            recalibrate(model, [buffer[k] for k in rng.choice(len(buffer), min(64, len(buffer)), replace=False)],
-                        device)
+            clean = [buffer[k] for k in rng.choice(len(buffer), min(64, len(buffer)), replace=False)]
+            recalibrate_batchnorm(model, (inputs(clean[i:i + 16], device) for i in range(0, len(clean), 16)))
             r = evaluate(model, val, device)
             lr_now = opt.param_groups[0]["lr"]
             print(f"step {step} {elapsed:.0f} s, {seen} phantoms, lr {lr_now:.2e}, loss {np.mean(losses):.4f}: {r}",
                   flush=True)
-            log.write(f"{step},{elapsed:.1f},{seen},{lr_now:.3e},{np.mean(losses):.5f}," + ",".join(
-                f"{r[k]:.5f}" for k in ("dice_mean", "dice_median", "dice_p10", "centre_median_mm", "centre_p90_mm",
-                                        "share_centre_above_4mm")) + "\n")
+            log.write(f"{step},{elapsed:.1f},{seen},{lr_now:.3e},{np.mean(losses):.5f},"
+                      + ",".join(f"{r[k]:.5f}" for k in METRICS) + "\n")
             log.flush()
             losses = []
             if r["dice_mean"] > best[0]:
@@ -248,7 +238,7 @@ def train(a):
         for g in opt.param_groups:
             g["lr"] = lr
         idx = rng.integers(len(buffer), size=a.batch)
-        x = torch.from_numpy(np.stack([buffer[k][0] for k in idx]).astype(np.float32))[:, None].to(device)
+        x = inputs([buffer[k] for k in idx], device)
         y = torch.from_numpy(np.stack([buffer[k][1] for k in idx]).astype(np.int64)).to(device)
         with autocast:
             logits = model(x)
@@ -283,31 +273,6 @@ def train(a):
     save_native(out / "unet.pt", model, "unet", provenance=provenance)
     (out / "provenance.json").write_text(json.dumps(provenance, indent=1))
     print(f"best step {best[1]}: {best[3]}; wrote {out / 'unet.pt'}", flush=True)
-    return 0
-
-
-def check(a):
-    """scipy_resample_to_grid against SimpleITK on phantoms: the largest difference (x) and label disagreement."""
-    from E3PoseLogic import preprocess
-    from E3PoseLogic.synth import make_case
-
-    for s, n, o in VAL_SETS:
-        for i in range(a.n):
-            c = make_case(s, i, synth_config(o))
-            img = c.image.astype(np.float32)
-            x1, g1 = preprocess.unet_input(img, c.affine, SPACING, SIZE)
-            y1 = preprocess.resample_to_grid(c.label, c.affine, g1, x1.shape, order=0)
-            m = np.asarray(c.affine)
-            from E3PoseLogic.preprocess import crop_or_pad, minmax, resampled_grid
-
-            xx = minmax(img)
-            grid, shape = resampled_grid(m, xx.shape, SPACING)
-            r = scipy_resample_to_grid(xx, m, grid, shape, order=1)
-            r, g2 = crop_or_pad(r, grid, (SIZE,) * 3)
-            x2 = minmax(r)
-            y2 = scipy_resample_to_grid(c.label, c.affine, g2, x2.shape, order=0)
-            print(f"seed {s} case {i}: max |dx| {np.abs(x1 - x2).max():.2e}, labels differ at "
-                  f"{int((y1 != y2).sum())} of {y1.size} voxels", flush=True)
     return 0
 
 
@@ -389,8 +354,6 @@ def main():
     t.add_argument("--seed", type=int, default=26)
     t.add_argument("--device", default="cuda")
     t.add_argument("--scipy-resample", action="store_true")
-    c = sub.add_parser("check")
-    c.add_argument("--n", type=int, default=2)
     g = sub.add_parser("curve")
     g.add_argument("csv")
     g.add_argument("png")
@@ -405,8 +368,6 @@ def main():
     a = p.parse_args(argv)
     if a.cmd == "train":
         return train(a)
-    if a.cmd == "check":
-        return check(a)
     if a.cmd == "curve":
         return curve(a)
     return bench(a, rest)
