@@ -512,6 +512,25 @@ def test_postprocessing_cases(name):
     assert np.array_equal(brain_and_eyes(post)[0], f[f"{name}_mask"].squeeze())
 
 
+def test_eyes_need_an_eye_posterior_of_one_half():
+    """Published rule: a voxel where neither background (0.9) nor brain (0.8) clears its threshold is an eye, however
+    unlikely; ours also wants the eye posterior at 0.5 or more. The brain mask is the published rule's either way."""
+    from E3PoseLogic.segmentation import EYES, brain_and_eyes, softmax
+
+    rng = np.random.default_rng(5)
+    post = softmax(rng.normal(size=(3, 12, 12, 12)).astype(np.float32) * 3.0, axis=0)
+    post[:, 0, 0, 0] = (0.6, 0.35, 0.05)  # the uncertain rim of a brain: no eye
+    post[:, 0, 0, 1] = (0.1, 0.3, 0.6)  # an eye
+    post[:, 0, 0, 2] = (0.05, 0.85, 0.1)  # brain
+    brain, eyes = brain_and_eyes(post)
+    brain_pub, eyes_pub = brain_and_eyes(post, eye_min_posterior=None)
+    assert np.array_equal(brain, brain_pub)
+    assert eyes_pub[0, 0, 0] == 1 and eyes[0, 0, 0] == 0
+    assert eyes[0, 0, 1] == eyes_pub[0, 0, 1] == 1
+    np.testing.assert_array_equal(eyes, eyes_pub & (post[EYES] >= 0.5))
+    assert 0 < eyes.sum() < eyes_pub.sum()
+
+
 # --------------------------------------------------------------------------------------------------- pipeline
 _PIPELINE = {}
 
