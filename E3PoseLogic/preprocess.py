@@ -148,9 +148,13 @@ def unet_input(
 
 
 def map_unet_mask_to_input(mask_unet: np.ndarray, unet_ijk_to_ras: np.ndarray, ijk_to_ras: np.ndarray, shape):
-    """A U-Net-grid mask (e.g. brain, eyes) on the input grid, nearest-neighbour through world coordinates (uint8).
+    """A U-Net-grid mask (e.g. brain, eyes) on the input grid (uint8): the mask interpolated linearly through world
+    coordinates, kept where at least one half. The published code maps it nearest-neighbour, which draws the U-Net's
+    voxels (6 mm for the bundled model) as staircases on the finer input grid; the linear map follows the same
+    boundary half-way between voxel centres without the steps (brain Dice against the true label 0.878 -> 0.890
+    median on 20 tuning volumes, session 27).
 
     Input voxels outside the U-Net field of view (beyond the central 384 mm) get 0.
     """
-    m = np.asarray(mask_unet)
-    return resample_to_grid(m.astype(np.uint8), unet_ijk_to_ras, ijk_to_ras, shape, order=0).astype(np.uint8)
+    m = np.asarray(mask_unet).astype(np.float32)
+    return (resample_to_grid(m, unet_ijk_to_ras, ijk_to_ras, shape, order=1) >= 0.5).astype(np.uint8)

@@ -252,13 +252,12 @@ def train(a):
     pool.terminate()
     model.load_state_dict(best[2])
     model = model.cpu()
-    prov = dict(info.get("provenance") or {})
     recipe = "; ".join(f"{int(s * 100)} % {o or 'plain'}" for s, o in RECIPES)
     provenance = {
         "trained_on": (f"synthetic fetal heads drawn on the fly (e3pose synth's generator, seeds {SEED_BASE}-"
                        f"{SEED_BASE + len(RECIPES) - 1}, one per recipe: {recipe}); {seen} phantoms; selection: "
                        "seeds 31, 32n, varied 63, 64n (84)"),
-        "kind": "unet", "init": str(a.init), "init_trained_on": prov.get("trained_on"),
+        "kind": "unet", "init": str(a.init), "init_trained_on": info.get("trained_on"),
         "steps": step, "batch_size": a.batch, "optimizer": "adam", "lr": a.lr,
         "lr_schedule": f"cosine over {a.minutes} min", "buffer_cases": a.buffer, "phantoms_seen": seen,
         "best_step": best[1], "best_val": best[3], "start_val": base, "training_time_s": round(budget, 1),
