@@ -20,7 +20,7 @@ from .preprocess import field_of_view, map_unet_mask_to_input, resample_to_grid,
 from .result import PoseResult
 from .refine import check_refine, refine_pose
 from .judge import judged_pose
-from .residual import correct_pose, frame_choice, mark_doubt
+from .residual import correct_pose, frame_choice, mark_doubt, needs_retry
 from .rotation import axes_to_rotation, geodesic_deg, voxel_rotation, world_rotation
 from .segmentation import DEFAULT_THRESHOLDS, check_mask, unet_masks
 
@@ -270,7 +270,8 @@ class Pipeline:
                         if box.shape == "cube":
                             reread = self.recentred_rotation(x, box, unet_affine, translation, affine)
                             away = geodesic_deg(reread, rotation)
-                        mark_doubt(choice, away, judge_logit=judged["logit"] if judged else None)
+                        mark_doubt(choice, away, judge_logit=judged["logit"] if judged else None,
+                                   judge_switched=bool(judged and judged.get("switched")))
                     refinement.update(angle_moved_deg=geodesic_deg(network["rotation"], rotation),
                                       centre_moved_mm=float(np.linalg.norm(translation - network["translation"])))
                 else:
@@ -362,7 +363,7 @@ class Pipeline:
                 volume_ml = check_mask(brain, source, _voxel_ml(unet_affine), fov=fov)
         pose = self._pose_from_mask(array, affine, x, unet_affine, brain, eyes, volume_ml, unet_spacing, refine,
                                     mask is None, clock, step)
-        if mask is None and frame_choice(pose["refinement"]).get("doubtful"):
+        if mask is None and needs_retry(frame_choice(pose["refinement"])):
             with clock("doubt_retry"):
                 pose = self._retry_grids(array, affine, x, unet_affine, fov, source, refine, step, pose)
         brain, eyes, volume_ml, unet_spacing = (pose[k] for k in ("brain", "eyes", "volume_ml", "unet_spacing"))

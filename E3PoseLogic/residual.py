@@ -81,9 +81,18 @@ DOUBT_DISAGREEMENT_DEG = 60.0  # the E3-CNN read again about the final centre (c
 # the pose logit does not tell them apart), so the pose is kept and flagged.
 
 
-def mark_doubt(choice, disagreement_deg=None, judge_logit=None):
+# A frame the frame judge's search switched to (``judge.judged_pose``) is flagged as well (session 27). Tuning sets
+# (s31-s34, 168 volumes): the 9 switched poses are 7.6 deg median against 1.8 overall, and 4 were not flagged (17.6,
+# 14.5, 5.3, 2.1 deg). With session 26's U-Net every pose above 30 deg the other reasons missed was a switched one
+# (held-out 1 of 1, transfer 2 of 2). This reason alone does not start the grid retry (``RETRY_REASONS``): the retry
+# was chosen on the other flags, and a switched pose is what a search already settled.
+RETRY_REASONS = ("pose_logit", "judge_logit", "e3cnn_disagreement")
+
+
+def mark_doubt(choice, disagreement_deg=None, judge_logit=None, judge_switched=False):
     """Set ``choice["doubtful"]`` (and ``doubt_reasons``) from the pose logit (the frame judge's, when the model
-    has one: ``judge.DOUBT_BELOW``) and, when given, the re-read E3-CNN's disagreement with the final pose."""
+    has one: ``judge.DOUBT_BELOW``), when given the re-read E3-CNN's disagreement with the final pose, and whether the
+    frame judge's search replaced the refined frame."""
     from . import judge
 
     reasons = []
@@ -97,8 +106,21 @@ def mark_doubt(choice, disagreement_deg=None, judge_logit=None):
         choice["e3cnn_disagreement_deg"] = float(disagreement_deg)
         if disagreement_deg > DOUBT_DISAGREEMENT_DEG:
             reasons.append("e3cnn_disagreement")
+    if judge_switched:
+        reasons.append("judge_switched")
     choice["doubtful"], choice["doubt_reasons"] = bool(reasons), reasons
     return choice
+
+
+def needs_retry(choice) -> bool:
+    """Whether a pose's doubt flag asks for the grid retry (``Pipeline._retry_grids``): a reason in
+    ``RETRY_REASONS``. Read defensively (``choice`` may come from a JSON file or an older version's result)."""
+    if not isinstance(choice, dict) or not choice.get("doubtful"):
+        return False
+    reasons = choice.get("doubt_reasons")
+    if not isinstance(reasons, (list, tuple)):
+        return True  # flagged without reasons: an older result, whose every reason started the retry
+    return any(r in RETRY_REASONS for r in reasons)
 
 
 def frame_choice(refinement) -> dict:
@@ -127,8 +149,11 @@ def doubt_details(choice, unit=" deg") -> str:
     elif logit is not None:
         why.append(f"pose logit {logit:.1f}")
     away = number(choice.get("e3cnn_disagreement_deg"))
-    if away is not None and "e3cnn_disagreement" in (choice.get("doubt_reasons") or ()):
+    reasons = choice.get("doubt_reasons") or ()
+    if away is not None and "e3cnn_disagreement" in reasons:
         why.append(f"E3-CNN {away:.0f}{unit} away")
+    if "judge_switched" in reasons:
+        why.append("frame judge switched the frame")
     return ", ".join(why)
 
 

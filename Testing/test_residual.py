@@ -281,3 +281,19 @@ def test_doubt_rules():
     judged = mark_doubt({"pose_logit": lo}, judge_logit=DOUBT_BELOW + 1.0)
     assert not judged["doubtful"] and judged["judge_logit"] == DOUBT_BELOW + 1.0
     assert mark_doubt({"pose_logit": hi}, judge_logit=DOUBT_BELOW - 1.0)["doubt_reasons"] == ["judge_logit"]
+
+
+def test_a_frame_the_judge_switched_to_is_flagged_without_a_grid_retry():
+    """A frame the judge's search switched to is flagged (reason judge_switched, said in the message); that reason
+    alone does not start the grid retry, the others still do (also for an older result that lists no reasons)."""
+    from E3PoseLogic.judge import DOUBT_BELOW
+    from E3PoseLogic.residual import doubt_details, mark_doubt, needs_retry
+
+    switched = mark_doubt({"pose_logit": 9.0}, 10.0, judge_logit=DOUBT_BELOW + 3.0, judge_switched=True)
+    assert switched["doubtful"] and switched["doubt_reasons"] == ["judge_switched"] and not needs_retry(switched)
+    assert doubt_details(switched) == f"judge logit {DOUBT_BELOW + 3.0:.1f}, frame judge switched the frame"
+    low = mark_doubt({"pose_logit": 9.0}, 10.0, judge_logit=DOUBT_BELOW - 1.0, judge_switched=True)
+    assert low["doubt_reasons"] == ["judge_logit", "judge_switched"] and needs_retry(low)
+    assert needs_retry(mark_doubt({"pose_logit": 9.0}, 170.0, judge_logit=DOUBT_BELOW + 3.0))
+    assert not needs_retry(mark_doubt({"pose_logit": 9.0}, 10.0, judge_logit=DOUBT_BELOW + 3.0))
+    assert needs_retry({"doubtful": True}) and not needs_retry({"doubtful": False}) and not needs_retry(None)

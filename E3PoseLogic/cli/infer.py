@@ -127,7 +127,7 @@ def run(args):
             write_outputs(args.output, name, result, path, args.scanner_space, args.input_to_canonical)
             done += 1
             choice = frame_choice(result.confidence.get("refinement"))
-            if choice.get("doubtful"):  # most failures have a low pose logit (README, "Doubtful results")
+            if choice.get("doubtful"):  # residual.mark_doubt (README, "Doubtful results")
                 doubtful.append(name)
                 tqdm.write(f"CHECK {path}: doubtful pose ({doubt_details(choice)})", file=sys.stderr)
         except E3PoseError as exc:
