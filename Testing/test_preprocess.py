@@ -144,6 +144,15 @@ def test_unet_mask_maps_back_to_input_grid():
     # the linear map follows the surface more closely than the published nearest-neighbour one (its voxel steps)
     nearest = resample_to_grid(mask_unet, unet_aff, aff, shape, order=0)
     assert np.sum(on_input != want) < 0.8 * np.sum(nearest != want)
+    # resampled only near the mask: the values of the whole grid's map; an empty mask maps to an empty one
+    whole = resample_to_grid(mask_unet.astype(np.float32), unet_aff, aff, shape, order=1) >= 0.5
+    assert on_input.sum() > 1000 and np.mean(on_input != whole) < 1e-5  # a voxel exactly at 0.5 may round either way
+    assert not map_unet_mask_to_input(np.zeros_like(mask_unet), unet_aff, aff, shape).any()
+    edge = np.zeros_like(mask_unet)  # a block about the input's corner voxel: partly outside the input
+    c = np.rint(frames.apply(np.linalg.inv(unet_aff) @ aff, [0.0, 0.0, 0.0])).astype(int)
+    edge[tuple(slice(v - 3, v + 3) for v in c)] = 1
+    whole = resample_to_grid(edge.astype(np.float32), unet_aff, aff, shape, order=1) >= 0.5
+    assert whole.any() and np.mean(map_unet_mask_to_input(edge, unet_aff, aff, shape) != whole) < 1e-5
 
 
 def test_resample_to_grid_identity_and_shift():
