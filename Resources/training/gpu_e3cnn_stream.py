@@ -60,15 +60,12 @@ def e3cnn_case(job):
         if scipy_resample:
             unet_stream.use_scipy_resample()
         _WORKER["ready"] = True
-    from E3PoseLogic import preprocess
     from E3PoseLogic.crop import crop_for_e3cnn, crop_input
-    from E3PoseLogic.synth import make_case
     from E3PoseLogic.training.data import unet_crop_box
 
     scale, size = crop
-    c = make_case(int(seed), int(index), unet_stream.synth_config(opts))
-    x, grid = preprocess.unet_input(c.image.astype(np.float32), c.affine, unet_stream.SPACING, unet_stream.SIZE)
-    brain = preprocess.resample_to_grid(np.rint(c.label).astype(np.uint8), c.affine, grid, x.shape, order=0) == 1
+    c, x, labels = unet_stream.phantom_on_grid(seed, index, opts)
+    brain = labels == 1
     if brain.sum() < 8:
         return None
     x_true, _ = crop_for_e3cnn(x, brain.astype(np.uint8), scale, size, "cube")
@@ -84,13 +81,8 @@ def _config_of(path):
 
 
 def training_jobs(unet_path, crop, scipy_resample):
-    shares = np.cumsum([s for s, _ in unet_stream.RECIPES])
-    rng = np.random.default_rng(SEED_BASE)
-    counters = [0] * len(unet_stream.RECIPES)
-    while True:
-        k = int(np.searchsorted(shares, rng.random() * shares[-1]))
-        yield SEED_BASE + k, counters[k], unet_stream.RECIPES[k][1], unet_path, crop, scipy_resample
-        counters[k] += 1
+    return ((seed, index, opts, unet_path, crop, scipy_resample)
+            for seed, index, opts in unet_stream.recipe_draws(SEED_BASE))
 
 
 def val_jobs(unet_path, crop, scipy_resample, per_set=0):
@@ -232,33 +224,18 @@ def train(a):
     runs = [Run(a.init, lr, device, out) for lr in a.lrs]
     t0 = time.perf_counter()
     val = [c for c in val_res.get() if c is not None]
-    buffer, seen = [], 0
-
-    def pull(block):
-        nonlocal seen
-        while True:
-            try:
-                item = stream.next(timeout=None if block else 0.0)
-            except mp.TimeoutError:
-                return
-            if item is not None:
-                buffer.append(item)
-                seen += 1
-                if len(buffer) > a.buffer:
-                    buffer.pop(0)
-            block = False
-
-    while len(buffer) < a.start_cases:
-        pull(True)
+    cases = unet_stream.StreamBuffer(stream, a.buffer)
+    buffer = cases.items
+    cases.fill(a.start_cases)
     start = evaluate(runs[0].model, val, device)
     print(f"start ({len(val)} selection phantoms, {len(buffer)} cases after {time.perf_counter() - t0:.0f} s): "
           f"{start}", flush=True)
     log = open(out / "log.csv", "w")
     log.write(",".join(("lr", "step", "seconds", "cases_seen", "loss") + METRICS) + "\n")
     for run in runs:
-        log.write(f"{run.lr:g},0,{time.perf_counter() - t0:.1f},{seen},nan,"
+        log.write(f"{run.lr:g},0,{time.perf_counter() - t0:.1f},{cases.seen},nan,"
                   + ",".join(f"{start[k]:.5f}" for k in METRICS) + "\n")
-        run.keep_if_best(0, start, provenance_of(a, info, seen, 0, device, start))
+        run.keep_if_best(0, start, provenance_of(a, info, cases.seen, 0, device, start))
     rng = np.random.default_rng(a.seed)
     budget = a.minutes * 60.0
     t_train, step, last_val = time.perf_counter(), 0, time.perf_counter()
@@ -268,17 +245,18 @@ def train(a):
         if done or time.perf_counter() - last_val >= a.val_every:
             for run in runs:
                 r = evaluate(run.model, val, device)
-                better = run.keep_if_best(step, r, provenance_of(a, info, seen, step, device, start))
-                print(f"lr {run.lr:g} step {step} {elapsed:.0f} s, {seen} phantoms, loss {np.mean(run.losses):.4f}"
+                better = run.keep_if_best(step, r, provenance_of(a, info, cases.seen, step, device, start))
+                print(f"lr {run.lr:g} step {step} {elapsed:.0f} s, {cases.seen} phantoms, "
+                      f"loss {np.mean(run.losses):.4f}"
                       f"{' *' if better else ''}: " + ", ".join(f"{k} {r[k]:.3f}" for k in METRICS), flush=True)
-                log.write(f"{run.lr:g},{step},{elapsed:.1f},{seen},{np.mean(run.losses):.5f},"
+                log.write(f"{run.lr:g},{step},{elapsed:.1f},{cases.seen},{np.mean(run.losses):.5f},"
                           + ",".join(f"{r[k]:.5f}" for k in METRICS) + "\n")
                 run.losses = []
             log.flush()
             last_val = time.perf_counter()
             if done:
                 break
-        pull(False)
+        cases.pull()
         factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, elapsed / budget)))
         idx = rng.integers(len(buffer), size=a.batch)
         crops = [buffer[k][0] if buffer[k][0] is not None and rng.random() < a.unet_fraction else buffer[k][1]
@@ -290,9 +268,9 @@ def train(a):
         step += 1
     pool.terminate()
     summary = {f"{run.lr:g}": {"best_step": run.best[0], "best_val": run.best[1]} for run in runs}
-    (out / "summary.json").write_text(json.dumps({"start_val": start, "steps": step, "phantoms_seen": seen,
+    (out / "summary.json").write_text(json.dumps({"start_val": start, "steps": step, "phantoms_seen": cases.seen,
                                                   "runs": summary}, indent=1))
-    print(f"{step} steps, {seen} phantoms; best: {summary}", flush=True)
+    print(f"{step} steps, {cases.seen} phantoms; best: {summary}", flush=True)
     return 0
 
 

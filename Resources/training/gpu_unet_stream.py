@@ -98,24 +98,64 @@ def unet_case(job):
     seed, index, opts, scipy_resample = job
     if scipy_resample:
         use_scipy_resample()
+    _, x, y = phantom_on_grid(seed, index, opts)
+    return x.astype(np.float16), y, f"{seed}_{index}"
+
+
+def phantom_on_grid(seed, index, opts):
+    """-> (SynthCase, U-Net input float32, labels uint8 nearest onto that grid): one phantom as inference and
+    ``training.data.unet_case`` (from files) put it on the U-Net grid (also ``gpu_e3cnn_stream.py``'s cases)."""
     from E3PoseLogic import preprocess
     from E3PoseLogic.synth import make_case
 
     c = make_case(int(seed), int(index), synth_config(opts))
     x, grid = preprocess.unet_input(c.image.astype(np.float32), c.affine, SPACING, SIZE)
     y = preprocess.resample_to_grid(np.rint(c.label).astype(np.uint8), c.affine, grid, x.shape, order=0)
-    return x.astype(np.float16), y.astype(np.uint8), f"{seed}_{index}"
+    return c, x, y.astype(np.uint8)
 
 
-def training_jobs(scipy_resample):
-    """An endless stream of phantom jobs in the recipe's proportions (one seed per recipe, indices counting up)."""
+def recipe_draws(seed_base):
+    """An endless stream of (seed, index, SynthConfig options) in the recipe's proportions (one seed per recipe from
+    ``seed_base``, indices counting up)."""
     shares = np.cumsum([s for s, _ in RECIPES])
-    rng = np.random.default_rng(SEED_BASE)
+    rng = np.random.default_rng(seed_base)
     counters = [0] * len(RECIPES)
     while True:
         k = int(np.searchsorted(shares, rng.random() * shares[-1]))
-        yield SEED_BASE + k, counters[k], RECIPES[k][1], scipy_resample
+        yield seed_base + k, counters[k], RECIPES[k][1]
         counters[k] += 1
+
+
+def training_jobs(scipy_resample):
+    return ((seed, index, opts, scipy_resample) for seed, index, opts in recipe_draws(SEED_BASE))
+
+
+class StreamBuffer:
+    """The newest ``size`` cases of a worker pool's ``imap_unordered`` stream, which the GPU samples from while the
+    workers make more; a None from the stream (a phantom without a usable case) is skipped."""
+
+    def __init__(self, stream, size):
+        self.stream, self.size, self.items, self.seen = stream, int(size), [], 0
+
+    def pull(self, block=False):
+        """Take what the workers have finished (``block``: wait for at least one)."""
+        import multiprocessing as mp
+
+        while True:
+            try:
+                item = self.stream.next(timeout=None if block else 0.0)
+            except mp.TimeoutError:
+                return
+            if item is not None:
+                self.items.append(item)
+                self.seen += 1
+                if len(self.items) > self.size:
+                    self.items.pop(0)
+            block = False
+
+    def fill(self, n):
+        while len(self.items) < n:
+            self.pull(True)
 
 
 def val_jobs(scipy_resample):
@@ -183,30 +223,18 @@ def train(a):
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     t0 = time.perf_counter()
     val = val_res.get()
-    buffer, seen = [], 0
+    cases = StreamBuffer(stream, a.buffer)
+    buffer = cases.items
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.csv", "w")
     log.write(",".join(("step", "seconds", "cases_seen", "lr", "loss") + METRICS) + "\n")
 
-    def pull(block):
-        nonlocal seen
-        while True:
-            try:
-                item = stream.next(timeout=None if block else 0.0)
-            except mp.TimeoutError:
-                return
-            buffer.append(item)
-            seen += 1
-            if len(buffer) > a.buffer:
-                buffer.pop(0)
-            block = False
-
-    while len(buffer) < a.start_cases:
-        pull(True)
+    cases.fill(a.start_cases)
     base = evaluate(model, val, device)
     print(f"start ({len(buffer)} cases after {time.perf_counter() - t0:.0f} s): {base}", flush=True)
-    log.write(f"0,{time.perf_counter() - t0:.1f},{seen},0,nan," + ",".join(f"{base[k]:.5f}" for k in METRICS) + "\n")
+    log.write(f"0,{time.perf_counter() - t0:.1f},{cases.seen},0,nan,"
+              + ",".join(f"{base[k]:.5f}" for k in METRICS) + "\n")
     best = (base["dice_mean"], 0, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, base)
     rng = np.random.default_rng(a.seed)
     budget = a.minutes * 60.0
@@ -221,9 +249,9 @@ def train(a):
             recalibrate_batchnorm(model, (inputs(clean[i:i + 16], device) for i in range(0, len(clean), 16)))
             r = evaluate(model, val, device)
             lr_now = opt.param_groups[0]["lr"]
-            print(f"step {step} {elapsed:.0f} s, {seen} phantoms, lr {lr_now:.2e}, loss {np.mean(losses):.4f}: {r}",
-                  flush=True)
-            log.write(f"{step},{elapsed:.1f},{seen},{lr_now:.3e},{np.mean(losses):.5f},"
+            print(f"step {step} {elapsed:.0f} s, {cases.seen} phantoms, lr {lr_now:.2e}, "
+                  f"loss {np.mean(losses):.4f}: {r}", flush=True)
+            log.write(f"{step},{elapsed:.1f},{cases.seen},{lr_now:.3e},{np.mean(losses):.5f},"
                       + ",".join(f"{r[k]:.5f}" for k in METRICS) + "\n")
             log.flush()
             losses = []
@@ -233,7 +261,7 @@ def train(a):
             last_val = time.perf_counter()
             if done:
                 break
-        pull(False)
+        cases.pull()
         lr = a.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, elapsed / budget)))
         for g in opt.param_groups:
             g["lr"] = lr
@@ -255,11 +283,11 @@ def train(a):
     recipe = "; ".join(f"{int(s * 100)} % {o or 'plain'}" for s, o in RECIPES)
     provenance = {
         "trained_on": (f"synthetic fetal heads drawn on the fly (e3pose synth's generator, seeds {SEED_BASE}-"
-                       f"{SEED_BASE + len(RECIPES) - 1}, one per recipe: {recipe}); {seen} phantoms; selection: "
+                       f"{SEED_BASE + len(RECIPES) - 1}, one per recipe: {recipe}); {cases.seen} phantoms; selection: "
                        "seeds 31, 32n, varied 63, 64n (84)"),
         "kind": "unet", "init": str(a.init), "init_trained_on": info.get("trained_on"),
         "steps": step, "batch_size": a.batch, "optimizer": "adam", "lr": a.lr,
-        "lr_schedule": f"cosine over {a.minutes} min", "buffer_cases": a.buffer, "phantoms_seen": seen,
+        "lr_schedule": f"cosine over {a.minutes} min", "buffer_cases": a.buffer, "phantoms_seen": cases.seen,
         "best_step": best[1], "best_val": best[3], "start_val": base, "training_time_s": round(budget, 1),
         "hardware": {"device": str(device), "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                      "torch": str(torch.__version__), "cpu_workers": a.workers},
