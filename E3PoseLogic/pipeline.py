@@ -271,7 +271,8 @@ class Pipeline:
                             reread = self.recentred_rotation(x, box, unet_affine, translation, affine)
                             away = geodesic_deg(reread, rotation)
                         mark_doubt(choice, away, judge_logit=judged["logit"] if judged else None,
-                                   judge_switched=bool(judged and judged.get("switched")))
+                                   judge_switched=bool(judged and judged.get("switched")),
+                                   last_step_deg=refinement["residual"]["steps"][-1]["angle_deg"])
                     refinement.update(angle_moved_deg=geodesic_deg(network["rotation"], rotation),
                                       centre_moved_mm=float(np.linalg.norm(translation - network["translation"])))
                 else:

@@ -224,7 +224,8 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
         if note:  # the axes may be a searched frame far from the refined one: say so
             extra += f"; {note}"
         choice = frame_choice(ref)
-        if choice.get("doubtful"):  # residual.mark_doubt: low judge logit, re-read E3-CNN disagrees, switched frame
+        # residual.mark_doubt: low judge logit, re-read E3-CNN disagrees, switched frame, residual still moving
+        if choice.get("doubtful"):
             extra += f"; DOUBTFUL, check ({doubt_details(choice)})"
     elif ref:
         extra += "; E3-CNN axes (not refined)"

@@ -87,12 +87,21 @@ DOUBT_DISAGREEMENT_DEG = 60.0  # the E3-CNN read again about the final centre (c
 # (held-out 1 of 1, transfer 2 of 2). This reason alone does not start the grid retry (``RETRY_REASONS``): the retry
 # was chosen on the other flags, and a switched pose is what a search already settled.
 RETRY_REASONS = ("pose_logit", "judge_logit", "e3cnn_disagreement")
+# A residual network still turning the head by more than this at its last reading has not settled: the pose is
+# flagged (``unsettled``, session 28; no grid retry, for the reason above). Tuning set (seeds 31 + 32n, 120 volumes):
+# it flags 6 poses no other reason did, 7.3-24 deg off, among them all 4 unflagged poses above 10 deg (3 deg chosen
+# there; 4 deg missed 2 of them). Reading on instead (up to 3 more readings while a step exceeds 3 deg) helped the
+# phantoms (held-out 95th percentile 10.8 -> 10.5 deg) but on real anatomy (transfer set) 38 % of the volumes read on
+# and some wandered off (steps growing to 15 deg; above 30 deg 2 -> 4 %), so the pose is kept and flagged instead.
+# Counted once: held-out, poses 10-30 deg off flagged 3 -> 8 of 10, within 10 deg 12 -> 21 of 189; transfer 8 -> 13
+# of 17 and 24 -> 48 of 81 (on real anatomy the residual network is less sure).
+UNSETTLED_DEG = 3.0
 
 
-def mark_doubt(choice, disagreement_deg=None, judge_logit=None, judge_switched=False):
+def mark_doubt(choice, disagreement_deg=None, judge_logit=None, judge_switched=False, last_step_deg=None):
     """Set ``choice["doubtful"]`` (and ``doubt_reasons``) from the pose logit (the frame judge's, when the model
-    has one: ``judge.DOUBT_BELOW``), when given the re-read E3-CNN's disagreement with the final pose, and whether the
-    frame judge's search replaced the refined frame."""
+    has one: ``judge.DOUBT_BELOW``), when given the re-read E3-CNN's disagreement with the final pose, whether the
+    frame judge's search replaced the refined frame, and the residual network's last step (``UNSETTLED_DEG``)."""
     from . import judge
 
     reasons = []
@@ -108,6 +117,10 @@ def mark_doubt(choice, disagreement_deg=None, judge_logit=None, judge_switched=F
             reasons.append("e3cnn_disagreement")
     if judge_switched:
         reasons.append("judge_switched")
+    if last_step_deg is not None:
+        choice["last_step_deg"] = float(last_step_deg)
+        if last_step_deg > UNSETTLED_DEG:
+            reasons.append("unsettled")
     choice["doubtful"], choice["doubt_reasons"] = bool(reasons), reasons
     return choice
 
@@ -154,6 +167,9 @@ def doubt_details(choice, unit=" deg") -> str:
         why.append(f"E3-CNN {away:.0f}{unit} away")
     if "judge_switched" in reasons:
         why.append("frame judge switched the frame")
+    step = number(choice.get("last_step_deg"))
+    if step is not None and "unsettled" in reasons:
+        why.append(f"residual network still moving ({step:.1f}{unit} at its last reading)")
     return ", ".join(why)
 
 

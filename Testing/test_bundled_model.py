@@ -60,19 +60,24 @@ def test_bundled_refinement_is_accurate(errors):
     assert np.median(rot) < np.median(net), (np.round(rot, 1), np.round(net, 1))
 
 
-def test_doubt_flag_follows_its_two_rules(errors):
+def test_doubt_flag_follows_its_rules(errors):
     """The bundled (cube-crop) model flags a pose when the frame judge's logit is low (the residual network's pose
-    logit for a model without a judge) or when the E3-CNN, read again about the final centre, disagrees with the
-    final pose; both numbers are in the output."""
+    logit for a model without a judge), when the E3-CNN, read again about the final centre, disagrees with the
+    final pose, when the residual network's last reading still moved the head, or when the judge's search switched
+    the frame; the numbers are in the output."""
     from E3PoseLogic.judge import DOUBT_BELOW
-    from E3PoseLogic.residual import DOUBT_DISAGREEMENT_DEG, DOUBT_LOGIT
+    from E3PoseLogic.residual import DOUBT_DISAGREEMENT_DEG, DOUBT_LOGIT, UNSETTLED_DEG
 
     rot, _, _, choices = errors
     for err, c in zip(rot, choices):
         assert np.isfinite(c["e3cnn_disagreement_deg"]) and 0.0 <= c["e3cnn_disagreement_deg"] <= 180.0
+        assert np.isfinite(c["last_step_deg"]) and c["last_step_deg"] >= 0.0
         low = c["judge_logit"] < DOUBT_BELOW if "judge_logit" in c else c["pose_logit"] < DOUBT_LOGIT
-        expected = low or c["e3cnn_disagreement_deg"] > DOUBT_DISAGREEMENT_DEG
-        assert c["doubtful"] == expected and bool(c["doubt_reasons"]) == expected
+        expected = [r for r, on in (("judge_logit" if "judge_logit" in c else "pose_logit", low),
+                                     ("e3cnn_disagreement", c["e3cnn_disagreement_deg"] > DOUBT_DISAGREEMENT_DEG),
+                                     ("judge_switched", "judge_switched" in c["doubt_reasons"]),
+                                     ("unsettled", c["last_step_deg"] > UNSETTLED_DEG)) if on]
+        assert c["doubt_reasons"] == expected and c["doubtful"] == bool(expected), c
     # where the pose is right, the E3-CNN read again agrees with it (median over these heads: about 10 deg)
     good = [c["e3cnn_disagreement_deg"] for err, c in zip(rot, choices) if err < 5.0]
     assert np.median(good) < 30.0, np.round(good, 1)

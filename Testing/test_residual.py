@@ -283,6 +283,23 @@ def test_doubt_rules():
     assert mark_doubt({"pose_logit": hi}, judge_logit=DOUBT_BELOW - 1.0)["doubt_reasons"] == ["judge_logit"]
 
 
+def test_a_residual_network_still_moving_flags_the_pose_without_a_grid_retry():
+    """A last residual reading that still turns the head by more than UNSETTLED_DEG flags the pose (reason
+    unsettled, said in the message, the step recorded); that reason alone does not start the grid retry."""
+    from E3PoseLogic.judge import DOUBT_BELOW
+    from E3PoseLogic.residual import UNSETTLED_DEG, doubt_details, mark_doubt, needs_retry
+
+    moving = mark_doubt({"pose_logit": 9.0}, 10.0, judge_logit=DOUBT_BELOW + 3.0, last_step_deg=UNSETTLED_DEG + 1.5)
+    assert moving["doubtful"] and moving["doubt_reasons"] == ["unsettled"] and not needs_retry(moving)
+    assert moving["last_step_deg"] == UNSETTLED_DEG + 1.5
+    assert doubt_details(moving) == (f"judge logit {DOUBT_BELOW + 3.0:.1f}, residual network still moving "
+                                     f"({UNSETTLED_DEG + 1.5:.1f} deg at its last reading)")
+    settled = mark_doubt({"pose_logit": 9.0}, 10.0, judge_logit=DOUBT_BELOW + 3.0, last_step_deg=UNSETTLED_DEG - 0.5)
+    assert not settled["doubtful"] and settled["last_step_deg"] == UNSETTLED_DEG - 0.5
+    both = mark_doubt({"pose_logit": 9.0}, 170.0, judge_logit=DOUBT_BELOW + 3.0, last_step_deg=UNSETTLED_DEG + 1.0)
+    assert both["doubt_reasons"] == ["e3cnn_disagreement", "unsettled"] and needs_retry(both)
+
+
 def test_a_frame_the_judge_switched_to_is_flagged_without_a_grid_retry():
     """A frame the judge's search switched to is flagged (reason judge_switched, said in the message); that reason
     alone does not start the grid retry, the others still do (also for an older result that lists no reasons)."""
