@@ -99,27 +99,35 @@ def cube_box(volume, mask, scale=0.6, size=64):
     return CropBox(start=start, stop=stop, side=side, resized_shape=(int(size),) * 3, shape="cube", centre=centre)
 
 
-def crop_points(box):
-    """Cube crop voxel centres on the U-Net grid: [3, S, S, S] index coordinates."""
+def crop_points(box, turn=None):
+    """Cube crop voxel centres on the U-Net grid: [3, S, S, S] index coordinates; ``turn`` (3x3 rotation, U-Net
+    index axes) turns the cube about its centre (crop point u samples the grid at centre + turn u)."""
     s = box.resized_shape[0]
     t = (np.arange(s) - (s - 1) / 2.0) * box.step
-    return np.stack(np.meshgrid(t, t, t, indexing="ij"), 0) + np.asarray(box.centre)[:, None, None, None]
+    g = np.stack(np.meshgrid(t, t, t, indexing="ij"), 0)
+    if turn is not None:
+        g = np.einsum("ij,j...->i...", np.asarray(turn, dtype=np.float64), g)
+    return g + np.asarray(box.centre)[:, None, None, None]
 
 
-def crop_array(array, box, order=1):
-    """``array`` (on the U-Net grid) on the crop's voxels: the E3-CNN input before min-max, or the mask (order 0)."""
+def crop_array(array, box, order=1, turn=None):
+    """``array`` (on the U-Net grid) on the crop's voxels: the E3-CNN input before min-max, or the mask (order 0).
+    ``turn``: the cube turned about its centre (``crop_points``; cube crops only)."""
     if box.shape == "cube":
         from scipy import ndimage
 
-        return ndimage.map_coordinates(np.asarray(array, dtype=np.float32), crop_points(box), order=order,
+        return ndimage.map_coordinates(np.asarray(array, dtype=np.float32), crop_points(box, turn), order=order,
                                        mode="constant", cval=0.0)
+    if turn is not None:
+        raise ValueError("only a cube crop can be turned")
     sl = tuple(slice(int(a), int(b)) for a, b in zip(box.start, box.stop))
     return resize(np.ascontiguousarray(array[sl], dtype=np.float32), box.resized_shape, order=order)
 
 
-def crop_input(volume, box):
-    """The E3-CNN input on ``box``: ``volume`` (U-Net grid) on the crop's voxels, float32 min-max to [0, 1]."""
-    return minmax(crop_array(volume, box)).astype(np.float32, copy=False)
+def crop_input(volume, box, turn=None):
+    """The E3-CNN input on ``box``: ``volume`` (U-Net grid) on the crop's voxels, float32 min-max to [0, 1]
+    (``turn``: see ``crop_array``)."""
+    return minmax(crop_array(volume, box, turn=turn)).astype(np.float32, copy=False)
 
 
 def crop_for_e3cnn(volume, mask, scale=0.6, size=64, shape="box"):

@@ -372,7 +372,18 @@ def test_pipeline_keeps_both_poses_and_a_given_masks_centre(refiner):
     assert moved == pytest.approx(ref["angle_moved_deg"], abs=1e-6)
     off = pipe.run(array, affine, mask=mask, refine="off")
     assert off.confidence["refinement"]["applied"] is False
-    np.testing.assert_allclose(off.rotation, res.network_rotation, atol=1e-9)
+    # without the refinement the E3-CNN's pose is the answer, pooled from its turned readings (turned_reading);
+    # with it, the refinement starts from the first reading
+    turned = off.confidence["network_turned_readings"]
+    assert res.confidence["network_turned_readings"] is None and turned["turned_readings"] == 6
+    assert geodesic_deg(off.rotation, res.network_rotation) == pytest.approx(turned["moved_deg"], abs=1e-6)
+    pipe.turned_readings = 0
+    try:
+        plain = pipe.run(array, affine, mask=mask, refine="off")
+    finally:
+        pipe.turned_readings = 6
+    assert plain.confidence["network_turned_readings"] is None
+    np.testing.assert_allclose(plain.rotation, res.network_rotation, atol=1e-9)
 
 
 def test_plane_logit_training_from_a_refiner(tmp_path):
