@@ -174,6 +174,35 @@ def _field_of_view(result, minimum=90.0, factor=3.2):
     return max(minimum, factor * radius)
 
 
+def pose_note(conf) -> str:
+    """The QC title's note on a result's ``confidence``: its first numbers, which axes are drawn (refined: how far
+    they moved, the plane, a searched frame, the doubt flag; else the E3-CNN's, with how many turned readings
+    agreed)."""
+    extra = ", ".join(f"{k} {v:.3g}" for k, v in list(conf.items())[:3] if isinstance(v, (int, float)))
+    ref = conf.get("refinement") if isinstance(conf.get("refinement"), dict) else {}
+    if ref.get("applied"):  # the axes drawn are the refined pose: say so, and how far it moved from the E3-CNN's
+        extra += f"; refined axes (moved {ref.get('angle_moved_deg', float('nan')):.0f} deg from the E3-CNN, " \
+                 f"{ref.get('hypothesis', '?')} plane)"
+        from .judge import search_note
+        from .residual import doubt_details, frame_choice
+
+        note = search_note(ref)
+        if note:  # the axes may be a searched frame far from the refined one: say so
+            extra += f"; {note}"
+        choice = frame_choice(ref)
+        # residual.mark_doubt: low judge logit, re-read E3-CNN disagrees, switched frame, residual still moving
+        if choice.get("doubtful"):
+            extra += f"; DOUBTFUL, check ({doubt_details(choice)})"
+    elif ref:
+        turned = conf.get("network_turned_readings")
+        if isinstance(turned, dict) and turned.get("turned_readings"):  # turned_reading: how much the views agreed
+            extra += (f"; E3-CNN axes (not refined; {turned.get('agreeing', '?')} of "
+                      f"{int(turned['turned_readings']) + 1} turned readings agree)")
+        else:
+            extra += "; E3-CNN axes (not refined)"
+    return extra
+
+
 def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] = None, size: int = 360,
               axis_length: float = 40.0) -> Path:
     """Write a QC PNG (2x2: axial, sagittal, coronal, 3D) for one volume and its PoseResult; returns the path."""
@@ -211,24 +240,7 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
         ax.imshow(img)
         ax.set_title(name, fontsize=10)
         ax.axis("off")
-    conf = getattr(result, "confidence", {}) or {}
-    extra = ", ".join(f"{k} {v:.3g}" for k, v in list(conf.items())[:3] if isinstance(v, (int, float)))
-    ref = conf.get("refinement") if isinstance(conf.get("refinement"), dict) else {}
-    if ref.get("applied"):  # the axes drawn are the refined pose: say so, and how far it moved from the E3-CNN's
-        extra += f"; refined axes (moved {ref.get('angle_moved_deg', float('nan')):.0f} deg from the E3-CNN, " \
-                 f"{ref.get('hypothesis', '?')} plane)"
-        from .judge import search_note
-        from .residual import doubt_details, frame_choice
-
-        note = search_note(ref)
-        if note:  # the axes may be a searched frame far from the refined one: say so
-            extra += f"; {note}"
-        choice = frame_choice(ref)
-        # residual.mark_doubt: low judge logit, re-read E3-CNN disagrees, switched frame, residual still moving
-        if choice.get("doubtful"):
-            extra += f"; DOUBTFUL, check ({doubt_details(choice)})"
-    elif ref:
-        extra += "; E3-CNN axes (not refined)"
+    extra = pose_note(getattr(result, "confidence", {}) or {})
     head = (title or "E3Pose QC") + (f"   [{extra}]" if extra else "")
     # wrapped to the figure's width (at most 8 px per character at 10 pt): a long title (a DOUBTFUL one) ran off
     # both edges, name and axes legend included

@@ -211,3 +211,17 @@ def test_refinement_summary_reads_the_confidence_defensively(info, expected):
     assert refinement_summary({}) == "" and refinement_summary(None) == ""
     assert refinement_summary({"refinement": None}) == ""
     json.dumps(text)  # a plain string
+
+
+def test_refinement_summary_says_the_e3cnn_pose_was_pooled():
+    """Without the refinement the module's line says the E3-CNN's pose was pooled from its turned readings."""
+    from E3PoseLogic.mrml.worker import refinement_summary
+
+    off = {"refinement": {"applied": False, "reason": "turned off (refine off)"},
+           "network_turned_readings": {"turned_readings": 6, "agreeing": 5, "moved_deg": 2.0}}
+    assert refinement_summary(off) == ("refinement off: turned off (refine off); the E3-CNN's pose pooled from 7 "
+                                       "readings (5 agree)")
+    off["network_turned_readings"] = None
+    assert refinement_summary(off) == "refinement off: turned off (refine off)"
+    off["network_turned_readings"] = {"turned_readings": "six"}  # read defensively
+    assert refinement_summary(off) == "refinement off: turned off (refine off)"

@@ -190,3 +190,21 @@ def test_qc_bad_input_reported_per_file_others_rendered(tmp_path):
                      r"readable NIfTI)", err), err
     assert re.search(r"c_rgb: FAILED: .*c_rgb\.nii\.gz: an RGB colour image .*scalar 3D volume", err), err
     assert sorted(p.name for p in out.iterdir()) == ["b_good_qc.png", "contact_sheet.png", "index.html"]
+
+
+def test_pose_note_says_which_axes_are_drawn():
+    """The QC title says whose axes are drawn: refined (how far they moved, doubt), or the E3-CNN's (with how many
+    of its turned readings agreed, where they were pooled)."""
+    from E3PoseLogic.qc import pose_note
+
+    off = {"brain_volume_ml": 295.0, "refinement": {"applied": False, "reason": "turned off (refine off)"}}
+    assert pose_note(off) == "brain_volume_ml 295; E3-CNN axes (not refined)"
+    off["network_turned_readings"] = {"turned_readings": 6, "agreeing": 5, "moved_deg": 3.7}
+    assert pose_note(off).endswith("; E3-CNN axes (not refined; 5 of 7 turned readings agree)")
+    refined = {"refinement": {"applied": True, "angle_moved_deg": 12.4, "hypothesis": "network",
+                              "residual": {"frame_choice": {"pose_logit": 1.0, "doubtful": True,
+                                                            "doubt_reasons": ["pose_logit"]}}},
+               "network_turned_readings": None}
+    note = pose_note(refined)
+    assert note.startswith("; refined axes (moved 12 deg from the E3-CNN, network plane)")
+    assert "DOUBTFUL, check (pose logit 1.0)" in note and "turned" not in note

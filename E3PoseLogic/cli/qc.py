@@ -68,7 +68,7 @@ def load_result(json_path, inputs_dir=None):
         rotation=rotation, translation=translation,
         brain_mask=brain, eye_mask=eyes, ijk_to_ras=affine,
         confidence={k: v for k, v in (rec.get("confidence") or {}).items()
-                    if isinstance(v, (int, float)) or k == "refinement"},
+                    if isinstance(v, (int, float)) or k in ("refinement", "network_turned_readings")},
         provenance={"model": rec.get("model"), "device": rec.get("device")},
     )
     return arr, affine, result, src
