@@ -194,10 +194,13 @@ def pose_note(conf) -> str:
         if choice.get("doubtful"):
             extra += f"; DOUBTFUL, check ({doubt_details(choice)})"
     elif ref:
-        turned = conf.get("network_turned_readings")
-        if isinstance(turned, dict) and turned.get("turned_readings"):  # turned_reading: how much the views agreed
-            extra += (f"; E3-CNN axes (not refined; {turned.get('agreeing', '?')} of "
-                      f"{int(turned['turned_readings']) + 1} turned readings agree)")
+        from .turned_reading import pooled_counts
+
+        pooled = pooled_counts(conf.get("network_turned_readings"))
+        if pooled:  # the E3-CNN's pose was pooled from turned readings: how much the views agreed
+            total, agreeing = pooled
+            extra += f"; E3-CNN axes (not refined; {'?' if agreeing is None else agreeing} of {total} turned " \
+                     f"readings agree)"
         else:
             extra += "; E3-CNN axes (not refined)"
     return extra

@@ -13,8 +13,8 @@ turned by 90 degrees is read from the same views and gets the same pose, as with
 
 Tuning set (seeds 31 + 32n, 120 volumes; session 29), the E3-CNN alone, median / above 60 deg: one reading 10.9 deg /
 11; with +-20 deg about the axes 9.9 / 10 (+-30: 10.1 / 11, +-45: 10.1 / 10; 8 turns of +-30 or +-60 deg about the
-body diagonals 9.9 / 9 and 9.9 / 11; 16 random turns 10.0 / 10). Cost: the 6 cubes go through the network in one
-batch with the first (about 0.08 s more on 2 CPU cores).
+body diagonals 9.9 / 9 and 9.9 / 11; 16 random turns 10.0 / 10). Cost: one more network call, the 6 cubes in one
+batch (``e3pose benchmark --refine off``, 2 CPU cores: the rotation stage 0.03 -> 0.13 s).
 
 Only for cube crops (our models): the published box crop cannot be turned, and published checkpoints keep the
 published answer.
@@ -75,3 +75,18 @@ def turned_readings(read_axes, volume, box, first_axes, n=TURNS, turn_deg=TURN_D
     rotation, members = largest_group_mean(np.stack([first] + back))
     return rotation, {"turned_readings": int(n), "agreeing": members,
                       "moved_deg": float(geodesic_deg(first, rotation))}
+
+
+def pooled_counts(info):
+    """(readings pooled, the first included; how many agreed, or None) from a result's
+    ``confidence["network_turned_readings"]``, or None when nothing was pooled. Read defensively: the entry may come
+    from a JSON file (the QC title and the Slicer module's line both say it)."""
+    import math
+
+    def count(v):
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    n = count(info.get("turned_readings")) if isinstance(info, dict) else None
+    if not n or n < 1:
+        return None
+    return n + 1, count(info.get("agreeing"))

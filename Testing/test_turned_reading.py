@@ -106,3 +106,13 @@ def test_largest_group_mean_leaves_out_the_half_turns_and_ignores_order():
     for order in ([0, 1, 2, 3], [0, 3, 2, 1]):
         two_two = np.stack([near[0], flipped[0], near[1], flipped[1]])[order]
         assert geodesic_deg(largest_group_mean(two_two)[0], base) < 6.0
+
+
+def test_pooled_counts_reads_a_json_entry_defensively():
+    from E3PoseLogic.turned_reading import pooled_counts
+
+    assert pooled_counts({"turned_readings": 6, "agreeing": 5, "moved_deg": 2.0}) == (7, 5)
+    assert pooled_counts({"turned_readings": 6}) == (7, None)
+    for bad in (None, {}, {"turned_readings": 0}, {"turned_readings": True}, {"turned_readings": float("nan")},
+                {"turned_readings": "six"}, [6, 5]):
+        assert pooled_counts(bad) is None

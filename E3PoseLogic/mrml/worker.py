@@ -289,12 +289,14 @@ def refinement_summary(confidence) -> str:
     applied = next((info[k] for k in ("applied", "refined", "used") if isinstance(info.get(k), bool)), None)
     reason = next((str(info[k]) for k in ("reason", "message", "note") if info.get(k)), "")
     if applied is False or state.lower() in _OFF_STATES:
-        turned = confidence.get("network_turned_readings")
-        pooled = ""
-        if isinstance(turned, dict) and _number(turned.get("turned_readings")):  # turned_reading: the pooled pose
-            pooled = (f"; the E3-CNN's pose pooled from {int(_number(turned['turned_readings'])) + 1} readings "
-                      f"({turned.get('agreeing', '?')} agree)")
-        return "refinement off" + (f": {reason}" if reason else "") + pooled
+        from ..turned_reading import pooled_counts
+
+        pooled = pooled_counts(confidence.get("network_turned_readings"))
+        text = "refinement off" + (f": {reason}" if reason else "")
+        if pooled:  # the E3-CNN's pose was pooled from its turned readings
+            total, agreeing = pooled
+            text += f"; the E3-CNN's pose pooled from {total} readings ({'?' if agreeing is None else agreeing} agree)"
+        return text
     angle = next((a for a in (_number(info.get(k)) for k in _ANGLE_KEYS) if a is not None), None)
     shift = _number(info.get("centre_moved_mm"))
     text = "refined" if angle is None else f"refined: moved {angle:.0f}°"
