@@ -433,6 +433,7 @@ def attempt_record(unet_spacing, refinement, volume_ml, rotation, rotation_voxel
     choice = frame_choice(refinement)
     return {"unet_spacing_mm": float(unet_spacing), "pose_logit": float(choice.get("pose_logit", -np.inf)),
             "judge_logit": choice.get("judge_logit"), "doubtful": bool(choice.get("doubtful")),
+            "doubt_reasons": list(choice.get("doubt_reasons") or []),
             "brain_volume_ml": float(volume_ml),
             "rotation_ras": np.asarray(rotation, dtype=float).tolist(),
             "rotation_voxel": np.asarray(rotation_voxel, dtype=float).tolist(),

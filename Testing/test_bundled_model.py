@@ -175,6 +175,9 @@ def test_doubtful_pose_is_estimated_again_on_finer_grids(monkeypatch):
     choice = res.confidence["refinement"]["residual"]["frame_choice"]
     assert P.retry_logit(res.confidence["refinement"]) == max(logits) == choice["pose_logit"] and choice["doubtful"]
     assert res.confidence["unet_spacing_mm"] == retry["chosen_unet_spacing_mm"]
+    # each attempt says why it is doubtful, so other retry rules can be scored offline from one run
+    assert "judge_logit" in retry["tried"][0]["doubt_reasons"]
+    assert all(t["doubtful"] == bool(t["doubt_reasons"]) for t in retry["tried"] if "pose_logit" in t)
     kept = next(t for t in retry["tried"] if t.get("pose_logit") == max(logits))  # each attempt carries its pose
     assert np.allclose(kept["rotation_voxel"], res.rotation_voxel) and np.allclose(kept["translation_ras"],
                                                                                    res.translation)

@@ -45,7 +45,18 @@ def test_card_accuracy_writes_the_warning_from_the_sets(tmp_path):
     ca.main([str(card), "--set", "synthetic_full_pipeline", str(tmp_path / "syn"),
              "--set", "transfer_full_pipeline", str(tmp_path / "tra")])
     w = json.loads(card.read_text())["warning"]
-    assert "(MNI-based transfer set) 5.0 degrees median (8.9 on navigator-like volumes) with 8.1 % off by more than 60" in w
+    assert ("on 10 volumes of real brain anatomy (MNI-based transfer sets) 5.0 degrees median (8.9 on navigator-like "
+            "volumes) with 8.1 % off by more than 60") in w
+    assert "on 10 held-out synthetic volumes the refined median rotation error is 1.9 degrees" in w
+    # the pooled sets, when the card has them, give the warning its numbers; sets not named again are kept
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "summary.json").write_text(json.dumps(summary(2.04, 1.3, 3.4, 0.01)))
+    ca.main([str(card), "--set", "synthetic_full_pipeline_pooled", str(tmp_path / "pool")])
+    c = json.loads(card.read_text())
+    assert set(c["held_out_test"]) == {"synthetic_full_pipeline", "transfer_full_pipeline",
+                                       "synthetic_full_pipeline_pooled"}
+    assert "the refined median rotation error is 2.0 degrees (1.3 on standard volumes, 3.4 on navigator-like ones; " \
+           "1 % off" in c["warning"] and "(MNI-based transfer sets) 5.0 degrees" in c["warning"]
     # one volume in 200 is 0.5 %, not "0 %"; whole per cent from 10 % on
     assert [ca._pct(x) for x in (0.0, 0.005, 0.015, 0.02, 0.17)] == ["0 %", "0.5 %", "1.5 %", "2 %", "17 %"]
     # a card without a synthetic set keeps the warning it has

@@ -3,7 +3,9 @@
     python card_accuracy.py CARD.json --set NAME EVAL_DIR [--set NAME EVAL_DIR ...] [--describe NAME TEXT ...]
 
 Each EVAL_DIR is an ``e3pose evaluate -o`` folder (its summary.json); NAME is how the card names the set (e.g.
-``synthetic_full_pipeline``, ``synthetic_true_mask``, ``transfer_full_pipeline``). For every set the card gets the
+``synthetic_full_pipeline``, ``synthetic_true_mask``, ``transfer_full_pipeline``, and ``*_pooled`` for every held-out
+set of a kind run with the model, which the warning prefers); sets the card has and the command does not name are
+kept. For every set the card gets the
 final (refined) and the network-only rotation statistics, the translation, the refinement's "made a good pose worse"
 count, the brain mask's Dice and centre error (when evaluated with ``--labels``), and the same per subgroup (standard / navigator-like / under 25 weeks), rounded for reading. The
 card's ``warning`` (what users are shown) is rewritten from these numbers (``warning_from``).
@@ -47,26 +49,34 @@ def _pct(x):
 
 def warning_from(card):
     """The warning every output and the Slicer module show, with its numbers read from the card's held-out blocks
-    (``synthetic_full_pipeline``, and ``transfer_full_pipeline`` when present), so the two cannot drift apart.
+    (``synthetic_full_pipeline[_pooled]``, and ``transfer_full_pipeline[_pooled]`` when present), so the two cannot
+    drift apart.
     None when the card has no synthetic block."""
     held = card.get("held_out_test") or {}
-    syn = held.get("synthetic_full_pipeline")
+    # the pooled sets (all held-out sets run with this model) when the card has them: more volumes, steadier tails
+    syn = held.get("synthetic_full_pipeline_pooled") or held.get("synthetic_full_pipeline")
     if not syn:
         return None
 
     def rot(entry, group="all"):
         return (entry.get(group) or {}).get("rotation_deg") or {}
 
-    text = ("trained on synthetic data only, small networks: on held-out synthetic volumes the refined median "
-            f"rotation error is {rot(syn)['median']:.1f} degrees ({rot(syn, 'standard')['median']:.1f} on standard "
-            f"volumes, {rot(syn, 'navigator')['median']:.1f} on navigator-like ones; {_pct(rot(syn)['failure_60'])} "
-            "off by more than 60 degrees, refused volumes included)")
+    def count(entry):
+        n = rot(entry).get("n")
+        return f"{n} " if n else ""
+
+    text = (f"trained on synthetic data only, small networks: on {count(syn)}held-out synthetic volumes the refined "
+            f"median rotation error is {rot(syn)['median']:.1f} degrees "
+            f"({rot(syn, 'standard')['median']:.1f} on standard volumes, {rot(syn, 'navigator')['median']:.1f} on "
+            f"navigator-like ones; {_pct(rot(syn)['failure_60'])} off by more than 60 degrees, refused volumes "
+            "included)")
     trans = (syn.get("all") or {}).get("translation_mm") or {}
     if trans.get("median") is not None:
         text += f" and the median translation error {trans['median']:.1f} mm"
-    tra = held.get("transfer_full_pipeline")
+    tra = held.get("transfer_full_pipeline_pooled") or held.get("transfer_full_pipeline")
     if tra:
-        text += (f"; on real brain anatomy (MNI-based transfer set) {rot(tra)['median']:.1f} degrees median "
+        text += (f"; on {count(tra)}volumes of real brain anatomy (MNI-based transfer sets) "
+                 f"{rot(tra)['median']:.1f} degrees median "
                  f"({rot(tra, 'navigator')['median']:.1f} on navigator-like volumes) with "
                  f"{_pct(rot(tra)['failure_60'])} off by more than 60")
     return text + "; check every result; not validated on real fetal MRI; research use, not clinical"
@@ -80,8 +90,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     card_path = Path(args.card)
     card = json.loads(card_path.read_text())
-    held = {}
     old = card.get("held_out_test") or {}
+    held = dict(old)  # sets not named here stay as they are
     # a set keeps the description it already has unless --describe gives a new one
     texts = {name: entry.get("description", "") for name, entry in old.items() if isinstance(entry, dict)}
     texts.update(dict(args.describe))
