@@ -225,7 +225,10 @@ def correct_pose(net, array, ijk_to_ras, centre, rotation, brain_ml, steps=None,
         # the input at frame point p is the head at canonical D p: the head's frame is rot D^T
         rot = rot @ Rotation.from_rotvec(rv).as_matrix().T
         cen = cen + step
-        done.append({"angle_deg": float(np.degrees(np.linalg.norm(rv))), "centre_mm": float(np.linalg.norm(step))})
+        # the reading itself as well (rotation vector in the frame, centre step in RAS mm): other ways to use the
+        # readings (damping the last step, say) can then be scored offline from one run's outputs
+        done.append({"angle_deg": float(np.degrees(np.linalg.norm(rv))), "centre_mm": float(np.linalg.norm(step)),
+                     "rotvec": np.asarray(rv, dtype=float).tolist(), "centre_step_ras": step.tolist()})
     snap = None
     if plane_cfg is not None and not is_coarse(ijk_to_ras):
         rot, snap = snap_to_mirror_plane(array, ijk_to_ras, cen, rot, brain_ml, plane_cfg)

@@ -96,6 +96,11 @@ def test_residual_network_removes_a_15_degree_error(heads, residual_net):
                                          case.com_ras + np.array([2.0, -1.5, 1.0]), r0, brain_ml)
         assert np.linalg.det(rot) == pytest.approx(1.0, abs=1e-9) and len(info["steps"]) == RESIDUAL_STEPS
         assert info["angle_moved_deg"] == pytest.approx(geodesic_deg(r0, rot), abs=1e-6)
+        # each reading is recorded whole: its rotation vector and centre step add up to what was reported
+        for s in info["steps"]:
+            assert np.degrees(np.linalg.norm(s["rotvec"])) == pytest.approx(s["angle_deg"], abs=1e-9)
+        moved = np.sum([s["centre_step_ras"] for s in info["steps"]], axis=0)
+        assert np.allclose(moved, centre - (case.com_ras + np.array([2.0, -1.5, 1.0])), atol=1e-9)
         errors.append(geodesic_deg(rot, case.rotation_ras))
         centre_errors.append(np.linalg.norm(centre - case.com_ras))
     errors = np.round(errors, 1)
