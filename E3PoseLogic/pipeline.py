@@ -248,6 +248,7 @@ class Pipeline:
             translation = frames.apply(unet_affine, com_unet)
             cfg = self.e3cnn.config
             x_crop, box = crop_for_e3cnn(x, brain, cfg.crop_scale, cfg.crop_size, cfg.crop_shape)
+        refining = refine != "off" and self.refiner is not None
         step("rotation", 0.6)
         with clock("rotation"):
             axes = self.network_axes(x_crop)
@@ -255,12 +256,12 @@ class Pipeline:
             # the turned readings where the E3-CNN's pose is the answer (no refinement follows): started from the
             # pooled pose the refinement was no better (session 29, tuning set: 95th percentile 17.3 -> 12.3 deg
             # but above 30 deg 1 -> 2), so with refinement it starts from the first reading, as before
-            if box.shape == "cube" and self.turned_readings > 0 and (refine == "off" or self.refiner is None):
+            if box.shape == "cube" and self.turned_readings > 0 and not refining:
                 rot_voxel, rot_info["turned"] = turned_readings(self.network_axes_batch, x, box, axes,
                                                                 n=self.turned_readings)
             rotation = world_rotation(rot_voxel, frames.direction_cosines(affine))
         network = dict(rotation=rotation, translation=translation, rotation_voxel=rot_voxel)
-        if refine != "off" and self.refiner is not None:
+        if refining:
             step("refine", 0.7)
             with clock("refine"):
                 ref = refine_pose(self.refiner, array, affine, translation, rotation, volume_ml,
