@@ -36,9 +36,12 @@ def search_rotations(n=SEARCH_ROTATIONS, seed=SEARCH_SEED):
 def judge_logits(judge, array, ijk_to_ras, centre, rotations, radius):
     """The judge's pose logit of each frame (columns = head axes) about ``centre``, mirror-averaged
     (``residual.read_residuals``)."""
+    from .refine import volume_resampler
     from .residual import read_residuals, residual_input
 
-    xs = np.stack([residual_input(array, ijk_to_ras, centre, r, radius, judge.config) for r in rotations])
+    sample = volume_resampler(array, ijk_to_ras)
+    xs = np.stack([residual_input(array, ijk_to_ras, centre, r, radius, judge.config, resampler=sample)
+                   for r in rotations])
     return read_residuals(judge, xs)[2]
 
 
@@ -55,10 +58,13 @@ def distinct_best(rotations, logits, k=SEARCH_STARTS, min_deg=DISTINCT_DEG):
     return chosen
 
 
-def judged_pose(judge, residual, array, ijk_to_ras, centre, rotation, brain_ml, move_centre=True, plane_cfg=None):
+def judged_pose(judge, residual, array, ijk_to_ras, centre, rotation, brain_ml, move_centre=True, plane_cfg=None,
+                search=True):
     """-> (rotation, centre, info): the refined pose, or a better-judged one found by the search. Each searched
     start is corrected by the residual network (``correct_pose``, ``plane_cfg`` as there). Running the mirror-plane
     refinement from each start first did worse on the tuning sets (14 poses above 30 deg against 10).
+    ``search=False`` (no second look on this volume, ``pipeline.second_look_allowed``): the refined frame's logit
+    is read, for the doubt flag, and a low one is noted (``search_skipped``) instead of searched.
 
     A frame the search switched to is then finished by ``POLISH_STEPS`` readings of the judge's own residual
     outputs (it was trained for them too, and reads the skull and neck around these small heads): on the 35 switched
@@ -74,6 +80,9 @@ def judged_pose(judge, residual, array, ijk_to_ras, centre, rotation, brain_ml, 
     first = float(judge_logits(judge, array, ijk_to_ras, centre, [rotation], radius)[0])
     info = {"logit": first, "refined_logit": first, "searched": False, "switched": False}
     if first >= SEARCH_BELOW:
+        return rotation, centre, info
+    if not search:
+        info["search_skipped"] = True
         return rotation, centre, info
     grid = search_rotations()
     starts = [grid[i] for i in distinct_best(grid, judge_logits(judge, array, ijk_to_ras, centre, grid, radius))]

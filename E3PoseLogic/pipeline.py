@@ -88,11 +88,11 @@ class Pipeline:
         self.refiner = refiner.eval() if refiner is not None else None
         self.refiner_info = dict(refiner_info or {})
         # the residual network: the refinement's last step (``residual``), CPU too (two 32^3 readings)
-        self.residual = residual.eval() if residual is not None else None
+        self.residual = _for_inference(residual)
         self.residual_info = dict(residual_info or {})
         # the frame judge (``judge``): a wide-view pose logit that checks the refined frame and searches when it
         # looks wrong; used only with a residual network
-        self.judge = judge.eval() if judge is not None and residual is not None else None
+        self.judge = _for_inference(judge) if residual is not None else None
         self.judge_info = dict(judge_info or {}) if self.judge is not None else {}
         # the grids a doubtful pose is made again on (``_retry_grids``); an argument so that a study of other grids
         # (Resources/benchmarks/retry_grids.py) builds its own pipeline instead of changing the module's default
@@ -239,7 +239,7 @@ class Pipeline:
         return world_rotation(axes_to_rotation(*axes)[0], frames.direction_cosines(affine))
 
     def _pose_from_mask(self, array, affine, x, unet_affine, brain, eyes, volume_ml, unet_spacing, refine,
-                        move_centre, clock, step):
+                        move_centre, clock, step, second_look=True):
         """Crop, E3-CNN and refinement from one brain mask on the U-Net grid -> dict (see ``run``), the mask and the
         grid it came from included."""
         step("crop", 0.5)
@@ -277,7 +277,7 @@ class Pipeline:
                     if self.judge is not None:
                         rotation, translation, judged = judged_pose(
                             self.judge, self.residual, array, affine, translation, rotation, volume_ml,
-                            move_centre=move_centre, plane_cfg=self.refiner.config)
+                            move_centre=move_centre, plane_cfg=self.refiner.config, search=second_look)
                         refinement["judge"] = judged
                     if choice is not None and (box.shape == "cube" or judged):
                         away = None
@@ -339,15 +339,21 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------------ run
     def run(self, array_ijk, ijk_to_ras, mask=None, source=None,
             progress: Optional[Callable[[str, float], None]] = None,
-            cancel: Optional[Callable[[], bool]] = None, refine: str = "auto") -> PoseResult:
+            cancel: Optional[Callable[[], bool]] = None, refine: str = "auto",
+            second_look: str = "auto") -> PoseResult:
         """Estimate the pose of the fetal head in one volume.
 
         array_ijk: 3D array in (i, j, k) order; ijk_to_ras: its 4x4 grid; mask: optional brain mask on the same
         grid (skips the U-Net). ``source`` names the input in error messages. ``progress(stage, fraction)`` is
         called as stages finish; ``cancel()`` returning True stops at the next stage boundary. ``refine``: "auto"
         (refine when the model has a refinement network), "on" (error if it has none) or "off".
+
+        ``second_look``: where a pose that looks wrong gets a second look (the frame judge's search over all
+        rotations and the grid retry of doubtful poses): "auto" (navigator-like volumes only, see
+        ``second_look_allowed``), "always" or "off". Doubtful poses are flagged either way.
         """
         refine = self.refine_mode(refine)
+        second_look = check_second_look(second_look)
         timings = {}
         clock = _Clock(timings)
         array = np.asarray(array_ijk)
@@ -376,11 +382,14 @@ class Pipeline:
                 eyes = None
                 mask_source = "given"
                 volume_ml = check_mask(brain, source, _voxel_ml(unet_affine), fov=fov)
+        looking = second_look_allowed(second_look, affine)
         pose = self._pose_from_mask(array, affine, x, unet_affine, brain, eyes, volume_ml, unet_spacing, refine,
-                                    mask is None, clock, step)
-        if mask is None and needs_retry(frame_choice(pose["refinement"])):
+                                    mask is None, clock, step, second_look=looking)
+        if mask is None and looking and needs_retry(frame_choice(pose["refinement"])):
             with clock("doubt_retry"):
                 pose = self._retry_grids(array, affine, x, unet_affine, fov, source, refine, step, pose)
+        if pose["refinement"].get("applied"):
+            pose["refinement"]["second_look"] = {"mode": second_look, "allowed": looking}
         brain, eyes, volume_ml, unet_spacing = (pose[k] for k in ("brain", "eyes", "volume_ml", "unet_spacing"))
         x_crop, box, axes, rot_info, com_unet = (pose[k] for k in ("x_crop", "box", "axes", "rot_info", "com_unet"))
         rotation, translation, rot_voxel = pose["rotation"], pose["translation"], pose["rotation_voxel"]
@@ -421,6 +430,35 @@ class Pipeline:
         )
 
 
+SECOND_LOOK_CHOICES = ("auto", "always", "off")
+
+
+def check_second_look(choice: Optional[str]) -> str:
+    """The second-look choice, validated ("auto", "always" or "off"; None means "auto")."""
+    choice = "auto" if choice is None else str(choice).lower()
+    if choice not in SECOND_LOOK_CHOICES:
+        raise ValueError(f"second_look must be one of {', '.join(SECOND_LOOK_CHOICES)}, not {choice!r}")
+    return choice
+
+
+def second_look_allowed(choice: str, ijk_to_ras) -> bool:
+    """Whether a pose that looks wrong gets a second look (the judge's search, the grid retry) on this volume.
+
+    "auto": on navigator-like volumes only (``refine.is_coarse``: voxels of 4 mm or more). Why (session 31): the
+    judge learned the head's surroundings from phantoms, and on finer volumes of real anatomy its search turned
+    good poses into half turns more often than it rescued bad ones (transfer sets, 210 finer volumes: above 30 deg
+    6 with the second looks, 3 without), while on phantoms of those resolutions it rescued almost nothing (600
+    held-out: 1 against 2). On navigator-like phantoms it rescues many (9 against 19 above 30 deg of 300). Chosen on
+    tuning sets of plain and varied-contrast phantoms; docs/accuracy_history.md, session 31."""
+    if choice == "always":
+        return True
+    if choice == "off":
+        return False
+    from .refine import is_coarse
+
+    return bool(is_coarse(ijk_to_ras))
+
+
 def retry_logit(refinement) -> float:
     """What the grid retry ranks attempts by: the residual network's pose logit of its chosen frame (-inf without
     one). Not the frame judge's logit, although the judge's decides the doubt flag (``_retry_grids``)."""
@@ -444,6 +482,15 @@ def attempt_record(unet_spacing, refinement, volume_ml, rotation, rotation_voxel
 def _retry_record(pose) -> dict:
     return attempt_record(pose["unet_spacing"], pose["refinement"], pose["volume_ml"], pose["rotation"],
                           pose["rotation_voxel"], pose["translation"])
+
+
+def _for_inference(net):
+    """The residual network or judge as the pipeline reads it: in evaluation mode, its batch norms folded into its
+    convolutions where it can (``ResidualNet.for_inference``)."""
+    if net is None:
+        return None
+    fold = getattr(net, "for_inference", None)
+    return fold() if fold is not None else net.eval()
 
 
 def _voxel_ml(ijk_to_ras):

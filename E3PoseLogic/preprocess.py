@@ -89,28 +89,40 @@ def resample_to_grid(
     points within half a voxel outside the source are clamped to its border, farther points get ``default``.
     The output dtype is the input's (bool is sampled as uint8).
     """
-    import SimpleITK as sitk
+    return Resampler(array, ijk_to_ras)(target_ijk_to_ras, target_shape, order, default)
 
-    interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear}.get(int(order))
-    if interp is None:
-        raise ValueError(f"order must be 0 (nearest) or 1 (linear), not {order}")
-    a = np.asarray(array)
-    if a.dtype == bool:
-        a = a.astype(np.uint8)
-    src = _to_sitk(a, ijk_to_ras)
-    origin, spacing, direction = frames.sitk_geometry(target_ijk_to_ras)
-    out = sitk.Resample(
-        src,
-        [int(s) for s in target_shape],
-        sitk.Transform(),
-        interp,
-        origin,
-        spacing,
-        direction,
-        float(default),
-        src.GetPixelID(),
-    )
-    return frames.kji_to_ijk(sitk.GetArrayFromImage(out)).copy()
+
+class Resampler:
+    """``resample_to_grid`` for many target grids of one source: the source is handed to SimpleITK once.
+
+    Why: the frame judge's search samples the same volume on 512 turned cubes, and copying the volume into a
+    SimpleITK image for each took a third of that work. The values are ``resample_to_grid``'s, bit for bit."""
+
+    def __init__(self, array: np.ndarray, ijk_to_ras: np.ndarray):
+        a = np.asarray(array)
+        if a.dtype == bool:
+            a = a.astype(np.uint8)
+        self.image = _to_sitk(a, ijk_to_ras)
+
+    def __call__(self, target_ijk_to_ras, target_shape, order: int = 1, default: float = 0.0) -> np.ndarray:
+        import SimpleITK as sitk
+
+        interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear}.get(int(order))
+        if interp is None:
+            raise ValueError(f"order must be 0 (nearest) or 1 (linear), not {order}")
+        origin, spacing, direction = frames.sitk_geometry(target_ijk_to_ras)
+        out = sitk.Resample(
+            self.image,
+            [int(s) for s in target_shape],
+            sitk.Transform(),
+            interp,
+            origin,
+            spacing,
+            direction,
+            float(default),
+            self.image.GetPixelID(),
+        )
+        return frames.kji_to_ijk(sitk.GetArrayFromImage(out)).copy()
 
 
 def field_of_view(shape, ijk_to_ras: np.ndarray, grid_ijk_to_ras: np.ndarray, grid_shape) -> np.ndarray:

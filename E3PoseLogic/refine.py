@@ -71,13 +71,12 @@ def equivalent_radius(brain_ml: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ local cube
-def local_cube(array, ijk_to_ras, centre, axes, radius, cfg):
+def local_cube(array, ijk_to_ras, centre, axes, radius, cfg, resampler=None):
     """The volume resampled on a cube around ``centre`` (world), axes = columns of ``axes``, spacing radius/k.
 
     Returns (cube float32 scaled so its 99th percentile near the brain is 1, spacing mm). Outside the field of
-    view is 0.
+    view is 0. ``resampler``: ``volume_resampler(array, ijk_to_ras)``, for many cubes of one volume.
     """
-    from .preprocess import resample_to_grid
 
     n = int(round(cfg.cube_side * cfg.cube_voxels_per_radius))
     sp = float(radius) / cfg.cube_voxels_per_radius
@@ -85,13 +84,20 @@ def local_cube(array, ijk_to_ras, centre, axes, radius, cfg):
     grid = np.eye(4)
     grid[:3, :3] = axes * sp
     grid[:3, 3] = np.asarray(centre, dtype=np.float64) - axes @ np.full(3, (n - 1) / 2.0 * sp)
-    cube = resample_to_grid(np.asarray(array, dtype=np.float32), ijk_to_ras, grid, (n, n, n), order=1)
-    cube = np.asarray(cube, dtype=np.float32)
+    sample = resampler if resampler is not None else volume_resampler(array, ijk_to_ras)
+    cube = np.asarray(sample(grid, (n, n, n), order=1), dtype=np.float32)
     ball = cube[ball_mask(n, sp, 1.3 * radius)]
     scale = float(np.percentile(ball, 99)) if ball.size else 0.0
     if scale > 0:
         cube /= scale
     return cube, sp
+
+
+def volume_resampler(array, ijk_to_ras):
+    """What ``local_cube`` samples: the volume as float32, handed to SimpleITK once (``preprocess.Resampler``)."""
+    from .preprocess import Resampler
+
+    return Resampler(np.asarray(array, dtype=np.float32), ijk_to_ras)
 
 
 def ball_mask(shape, spacing_mm, radius_mm):

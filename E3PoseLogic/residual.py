@@ -37,12 +37,12 @@ def normalise_input(x, ball):
     return (x / q if q > 0 else x).astype(np.float32)
 
 
-def residual_input(array, ijk_to_ras, centre, rotation, radius, cfg):
+def residual_input(array, ijk_to_ras, centre, rotation, radius, cfg, resampler=None):
     """The network's input [S, S, S]: the volume on a cube along ``rotation``'s axes around ``centre``, 0 outside
-    its inscribed ball, 99th percentile in the ball = 1."""
+    its inscribed ball, 99th percentile in the ball = 1. ``resampler``: as ``refine.local_cube``'s."""
     from .refine import local_cube
 
-    cube, _ = local_cube(array, ijk_to_ras, centre, rotation, radius, cfg)
+    cube, _ = local_cube(array, ijk_to_ras, centre, rotation, radius, cfg, resampler=resampler)
     return normalise_input(cube, input_ball(cfg))
 
 
@@ -181,7 +181,12 @@ def choose_frame(net, array, ijk_to_ras, centre, rotation, radius, others=()):
     frames_ = []
     for base in [np.asarray(rotation, dtype=np.float64)] + [np.asarray(o, dtype=np.float64) for o in others]:
         frames_ += [base] + [base @ h for h in HALF_TURNS]
-    readings = [read_residual(net, residual_input(array, ijk_to_ras, centre, f, radius, net.config)) for f in frames_]
+    from .refine import volume_resampler
+
+    sample = volume_resampler(array, ijk_to_ras)
+    rv, c, lg = read_residuals(net, np.stack([residual_input(array, ijk_to_ras, centre, f, radius, net.config,
+                                                             resampler=sample) for f in frames_]))
+    readings = [(rv[i], c[i], float(lg[i])) for i in range(len(frames_))]
     logits = [r[2] for r in readings]
     best = int(np.argmax(logits))
     switch = best != 0 and logits[best] > logits[0] + SWITCH_MARGIN

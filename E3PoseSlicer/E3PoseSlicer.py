@@ -81,6 +81,7 @@ class E3PoseSlicerParameterNode:
     e3cnnPath: Path
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     refine: Annotated[str, Choice(["auto", "on", "off"])] = "auto"
+    secondLook: Annotated[str, Choice(["auto", "always", "off"])] = "auto"
     poseTransform: vtkMRMLLinearTransformNode
     segmentation: vtkMRMLSegmentationNode
     showAxes: bool = True
@@ -284,7 +285,7 @@ class E3PoseSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             unet, e3cnn = (p.unetPath, p.e3cnnPath) if p.modelSource == "local" else (None, None)
             self.logic.startProcessing(p.inputVolume, unetPath=unet, e3cnnPath=e3cnn, device=p.device,
-                                       refine=p.refine)
+                                       refine=p.refine, secondLook=p.secondLook)
             self.ui.progressBar.setVisible(True)
             self.ui.progressBar.value = 0
             self._timer.start()
@@ -420,6 +421,7 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
         logic = slicer.util.getModuleLogic("E3PoseSlicer")
         nodes = logic.process(volumeNode)                            # waits; returns PoseNodes (None if cancelled)
         nodes = logic.process(volumeNode, refine="off")              # network only (refine: auto | on | off)
+        nodes = logic.process(volumeNode, secondLook="off")          # no second look at doubtful poses (~1 s)
         logic.processFiles(["a.nii.gz", "b.nii.gz"], "/out", device="cpu")   # batch, exports each
         logic.startProcessing(volumeNode); ...; logic.pollEvents(); logic.finishProcessing()   # no waiting
 
@@ -487,10 +489,13 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
     def isRunning(self):
         return self._worker is not None and self._worker.running
 
-    def startProcessing(self, volumeNode, unetPath=None, e3cnnPath=None, device="auto", refine="auto"):
+    def startProcessing(self, volumeNode, unetPath=None, e3cnnPath=None, device="auto", refine="auto",
+                        secondLook="auto"):
         """Start the background process for one volume (returns at once; see pollEvents/finishProcessing).
 
-        ``refine``: the refinement after the network, ``auto`` (when the model has one), ``on`` or ``off``."""
+        ``refine``: the refinement after the network, ``auto`` (when the model has one), ``on`` or ``off``.
+        ``secondLook``: where a pose that looks wrong gets a second look, ``auto`` (navigator-like volumes),
+        ``always`` or ``off`` (about a second per volume on 2 CPU cores; README, Second look)."""
         from E3PoseLogic.mrml.nodes import array_from_volume
         from E3PoseLogic.mrml.worker import (
             REFINE_CHOICES, WorkerProcess, build_command, save_volume_npz, worker_env,
@@ -509,7 +514,8 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
             cmd = build_command(self.pythonExecutable(), tmp / "input.npz", tmp / "result.npz", device=device,
                                 unet=str(unetPath) if unetPath else None,
                                 e3cnn=str(e3cnnPath) if e3cnnPath else None,
-                                source=volumeNode.GetName(), refine=refine, entry=self.workerEntry)
+                                source=volumeNode.GetName(), refine=refine, second_look=secondLook,
+                                entry=self.workerEntry)
             logging.info("E3Pose: %s", " ".join(cmd))
             self._worker = WorkerProcess(cmd, env=worker_env(LOGIC_PACKAGE_PARENT))
         except BaseException:
@@ -556,10 +562,11 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(job["tmp"], ignore_errors=True)
 
     def process(self, volumeNode, unetPath=None, e3cnnPath=None, device="auto", waitForCompletion=True,
-                refine="auto"):
+                refine="auto", secondLook="auto"):
         """Estimate the pose of ``volumeNode``; with waitForCompletion returns PoseNodes (None when cancelled),
-        else the worker. ``refine``: auto | on | off."""
-        worker = self.startProcessing(volumeNode, unetPath, e3cnnPath, device, refine=refine)
+        else the worker. ``refine``: auto | on | off; ``secondLook``: auto | always | off (``startProcessing``)."""
+        worker = self.startProcessing(volumeNode, unetPath, e3cnnPath, device, refine=refine,
+                                      secondLook=secondLook)
         if not waitForCompletion:
             return worker
         while worker.running:
@@ -569,7 +576,8 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
         return self.finishProcessing()
 
     def processFiles(self, paths: List[str], outputDirectory, unetPath=None, e3cnnPath=None, device="auto",
-                     exportScene=False, refine="auto", keepInScene=False):
+                     exportScene=False, refine="auto", keepInScene=False,
+                     secondLook="auto"):
         """Batch: load each volume file, estimate, export into ``outputDirectory``; returns {path: written}.
 
         Each volume and its pose nodes are removed from the scene once exported, unless ``keepInScene``. On
@@ -583,7 +591,7 @@ class E3PoseSlicerLogic(ScriptedLoadableModuleLogic):
                 break
             volume = slicer.util.loadVolume(str(path))
             try:
-                nodes = self.process(volume, unetPath, e3cnnPath, device, refine=refine)
+                nodes = self.process(volume, unetPath, e3cnnPath, device, refine=refine, secondLook=secondLook)
                 if nodes is not None:
                     out[str(path)] = self.exportPose(nodes.transform, outputDirectory, mrb=exportScene)
             except BaseException:

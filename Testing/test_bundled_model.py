@@ -147,7 +147,8 @@ def test_small_brain_leaking_to_the_edge_is_found_on_a_finer_grid():
 def test_doubtful_pose_is_estimated_again_on_finer_grids(monkeypatch):
     """A pose flagged doubtful is made again from the U-Net's masks on the retry grids, and the one the residual
     network finds most plausible (``retry_logit``) is kept with its own mask, centre and flag; the attempts are in
-    the output. Every pose is made doubtful here (thresholds no frame reaches), so the retry runs on an ordinary head."""
+    the output. Every pose is made doubtful here (thresholds no frame reaches), so the retry runs on an ordinary head.
+    Where the second look is not allowed (``second_look``), neither the retry nor the judge's search runs."""
     from E3PoseLogic import judge
     from E3PoseLogic import pipeline as P
     from E3PoseLogic import residual
@@ -167,7 +168,7 @@ def test_doubtful_pose_is_estimated_again_on_finer_grids(monkeypatch):
     assert "grid_retry" not in plain.confidence["refinement"]  # an ordinary pose is not retried
     monkeypatch.setattr(residual, "DOUBT_LOGIT", 1e6)
     monkeypatch.setattr(judge, "DOUBT_BELOW", 1e6)
-    res = pipe.run(image, case.affine)
+    res = pipe.run(image, case.affine, second_look="always")  # a standard-resolution head: "auto" would not look
     retry = res.confidence["refinement"]["grid_retry"]
     spacings = [t["unet_spacing_mm"] for t in retry["tried"]]
     assert spacings == pytest.approx([pipe.unet_spacing] + [pipe.unet_spacing * f for f in pipe.retry_factors])
@@ -187,3 +188,19 @@ def test_doubtful_pose_is_estimated_again_on_finer_grids(monkeypatch):
         plain.confidence["refinement"]["residual"]["frame_choice"]["pose_logit"], abs=1e-6)
     assert geodesic_deg(res.rotation, case.rotation_ras) < 10.0
     assert "doubt_retry" in res.timings and res.timings["total"] >= res.timings["doubt_retry"]
+    # second look off, or "auto" on this standard-resolution head: the same doubtful pose gets no second look:
+    # neither the grid retry nor the judge's search (made to run here, below any logit) runs; it is still flagged,
+    # and it is the ordinary pose
+    monkeypatch.setattr(judge, "SEARCH_BELOW", 1e6)
+    assert plain.confidence["refinement"]["second_look"] == {"mode": "auto", "allowed": False}
+    for choice in ("off", "auto"):
+        off = pipe.run(image, case.affine, second_look=choice)
+        assert off.confidence["refinement"]["second_look"] == {"mode": choice, "allowed": False}
+        assert geodesic_deg(off.rotation, plain.rotation) < 1e-6 and np.allclose(off.translation, plain.translation)
+    fast = off
+    ref = fast.confidence["refinement"]
+    assert "grid_retry" not in ref and "doubt_retry" not in fast.timings
+    assert ref["judge"]["searched"] is False and ref["judge"]["search_skipped"] is True
+    assert ref["residual"]["frame_choice"]["doubtful"]
+    with pytest.raises(ValueError, match="second_look"):
+        pipe.run(image, case.affine, second_look="sometimes")

@@ -158,8 +158,8 @@ def test_bundled_judge_finds_a_head_turned_far_off(heads, bundled):
 
 
 def test_pipeline_reports_the_judge(tmp_path):
-    """The bundled model's JSON says what the judge read and which weights; --judge with a file of another kind is an
-    error that names it."""
+    """The bundled model's JSON says what the judge read and which weights, and where the second look was allowed
+    (--second-look off: nowhere); --judge with a file of another kind is an error that names it."""
     import json
 
     from E3PoseLogic.cli.demo import SAMPLE_DIR
@@ -169,9 +169,11 @@ def test_pipeline_reports_the_judge(tmp_path):
     if spec.judge is None:
         pytest.skip("the bundled model has no frame judge")
     out = tmp_path / "out"
-    r = run_cli("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", cwd=tmp_path)
+    r = run_cli("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", "--second-look", "off",
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "sample_head.json").read_text())
+    assert rec["confidence"]["refinement"]["second_look"] == {"mode": "off", "allowed": False}
     judged = rec["confidence"]["refinement"]["judge"]
     assert judged["logit"] >= judged["refined_logit"] and isinstance(judged["searched"], bool)
     assert rec["model"]["judge"]["sha256"]

@@ -33,7 +33,8 @@ class _FakePipeline:
     def __init__(self, mode):
         self.mode = mode
 
-    def run(self, array_ijk, ijk_to_ras, mask=None, source=None, progress=None, cancel=None, refine="auto"):
+    def run(self, array_ijk, ijk_to_ras, mask=None, source=None, progress=None, cancel=None, refine="auto",
+            second_look="auto"):
         if self.mode == "slow":
             progress("segment", 0.0)
             time.sleep(60)
@@ -48,6 +49,7 @@ class _FakePipeline:
             progress(stage, (i + 1) / 3)
         r = h["result"]
         r.provenance["refine_requested"] = refine
+        r.provenance["second_look_requested"] = second_look
         r.confidence["refinement"] = {"applied": refine != "off", "angle_moved_deg": 12.4, "hypothesis": "identity"}
         r.network_axes = np.arange(9.0).reshape(3, 3)  # a result field the worker used to drop
         return r
@@ -111,6 +113,21 @@ def test_worker_passes_the_refinement_choice_to_the_pipeline(tmp_path, choice):
     w, _ = _start(tmp_path, "ok", refine=choice)
     assert w.wait(timeout=60) == 0, w.tail()
     assert load_result_npz(w.done_path).provenance["refine_requested"] == choice
+
+
+@pytest.mark.parametrize("choice", ["always", "off"])
+def test_worker_passes_the_second_look_choice_to_the_pipeline(tmp_path, choice):
+    from E3PoseLogic.mrml.worker import SECOND_LOOK_CHOICES, build_command, load_result_npz
+    from E3PoseLogic.pipeline import SECOND_LOOK_CHOICES as PIPELINE_CHOICES
+
+    assert SECOND_LOOK_CHOICES == PIPELINE_CHOICES  # the worker's copy, kept light
+    cmd = build_command("python", "in.npz", "out.npz", second_look=choice)
+    assert cmd[cmd.index("--second-look") + 1] == choice
+    with pytest.raises(ValueError, match="second_look"):
+        build_command("python", "in.npz", "out.npz", second_look="sometimes")
+    w, _ = _start(tmp_path, "ok", second_look=choice)
+    assert w.wait(timeout=60) == 0, w.tail()
+    assert load_result_npz(w.done_path).provenance["second_look_requested"] == choice
 
 
 def test_worker_refinement_on_without_a_refiner_is_a_clear_error(tmp_path):

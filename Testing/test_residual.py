@@ -70,6 +70,24 @@ def test_the_mirrored_reading_is_symmetric():
     assert np.linalg.norm(rv) > 0
 
 
+def test_folded_batchnorm_reads_as_the_network_does(residual_net):
+    """The pipeline's copy of the residual network (batch norms folded into the convolutions) gives the network's
+    outputs to float32 rounding, logit included, and leaves the network itself as it was (still trainable)."""
+    import torch
+
+    from E3PoseLogic.residual import read_residuals
+
+    before = {k: v.clone() for k, v in residual_net.state_dict().items()}
+    folded = residual_net.for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in residual_net.modules())
+    xs = np.random.default_rng(3).random((5, 32, 32, 32)).astype(np.float32)
+    a, b = read_residuals(residual_net.eval(), xs), read_residuals(folded, xs)
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(v, u, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, residual_net.state_dict()[k]) for k, v in before.items())
+
+
 @pytest.fixture(scope="module")
 def residual_net():
     from E3PoseLogic.checkpoints import load_residual
@@ -239,7 +257,7 @@ def test_train_residual_pose_logit_from_a_residual_network(tmp_path):
 def test_infer_names_doubtful_poses(tmp_path):
     """A residual network whose pose logit is always low, used as the frame judge too (the judge's logit is then the
     doubt flag's): every pose is marked doubtful in the JSON and named by e3pose infer, and the outputs are still
-    written."""
+    written. The sample is a standard-resolution volume, so the judge's search runs only with --second-look always."""
     import torch
 
     from E3PoseLogic.checkpoints import save_native
@@ -254,7 +272,7 @@ def test_infer_names_doubtful_poses(tmp_path):
     save_native(tmp_path / "doubt.pt", net, "residual", {"trained_on": "test"})
     out = tmp_path / "out"
     r = run_cli("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", out, "--device", "cpu", "-q", "--residual",
-             tmp_path / "doubt.pt", "--judge", tmp_path / "doubt.pt", cwd=tmp_path)
+             tmp_path / "doubt.pt", "--judge", tmp_path / "doubt.pt", "--second-look", "always", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "CHECK" in r.stderr and "doubtful (check these first): sample_head" in r.stderr
     assert "judge logit -10.0" in r.stderr
@@ -264,6 +282,7 @@ def test_infer_names_doubtful_poses(tmp_path):
     assert choice["judge_logit"] == pytest.approx(-10.0, abs=1e-4) and "judge_logit" in choice["doubt_reasons"]
     judged = rec["confidence"]["refinement"]["judge"]
     assert judged["searched"] and not judged["switched"]  # every searched frame is as implausible
+    assert rec["confidence"]["refinement"]["second_look"] == {"mode": "always", "allowed": True}
 
 
 def test_doubt_rules():

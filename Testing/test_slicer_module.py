@@ -39,7 +39,8 @@ from E3PoseLogic.result import PoseResult
 
 
 class Fake:
-    def run(self, array_ijk, ijk_to_ras, mask=None, source=None, progress=None, cancel=None, refine="auto"):
+    def run(self, array_ijk, ijk_to_ras, mask=None, source=None, progress=None, cancel=None, refine="auto",
+            second_look="auto"):
         progress("segmentation", 0.1)
         if "slow" in (source or ""):
             time.sleep(120)
@@ -52,7 +53,8 @@ class Fake:
         else:
             refinement = {"applied": True, "angle_moved_deg": 12.4, "hypothesis": "identity"}
         return PoseResult(rotation=np.eye(3), translation=com, brain_mask=brain, ijk_to_ras=ijk_to_ras,
-                          confidence={"refinement": refinement, "refine_requested": refine},
+                          confidence={"refinement": refinement, "refine_requested": refine,
+                                      "second_look_requested": second_look},
                           provenance={"model": "fake"})
 
 
@@ -543,6 +545,9 @@ def test_scripted_api_passes_the_refinement_choice(slicer_module):
     nodes = logic.process(volume, device="cpu")
     assert json.loads(nodes.transform.GetAttribute("E3Pose.Confidence"))["refine_requested"] == "auto"
     assert logic.refinementText(nodes.transform).startswith("refined: moved 12°")
+    assert json.loads(nodes.transform.GetAttribute("E3Pose.Confidence"))["second_look_requested"] == "auto"
+    nodes = logic.process(volume, device="cpu", secondLook="off")  # the second-look choice reaches the pipeline
+    assert json.loads(nodes.transform.GetAttribute("E3Pose.Confidence"))["second_look_requested"] == "off"
     with pytest.raises(ValueError, match="refine"):
         logic.process(volume, refine="yes")
     foreign = sm.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "other")
@@ -559,9 +564,11 @@ def test_widget_apply_uses_the_refinement_choice_and_says_what_it_did(slicer_mod
     p.inputVolume = _head_volume(sm.scene)
     p.device = "cpu"
     p.refine = choice
+    p.secondLook = "off" if choice == "off" else "always"  # the Second look choice reaches the worker too
     w.onApplyButton()
     assert "--refine" in w.logic._worker.cmd and w.logic._worker.cmd[w.logic._worker.cmd.index("--refine") + 1] \
         == choice
+    assert w.logic._worker.cmd[w.logic._worker.cmd.index("--second-look") + 1] == p.secondLook
     _run_widget_to_end(sm, w)
     assert not sm.dialogs.errors, sm.dialogs.errors
     assert p.poseTransform is not None

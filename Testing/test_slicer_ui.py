@@ -63,6 +63,9 @@ def test_refinement_choice_sits_in_the_advanced_section():
     assert "refinementLabel" in outputs  # what the refinement did, next to the pose
     src = MODULE.read_text()
     assert 'refine: Annotated[str, Choice(["auto", "on", "off"])] = "auto"' in src
+    # where doubtful poses get a second look is a choice of the same section
+    assert "secondLookComboBox" in advanced and widgets["secondLookComboBox"].get("class") == "QComboBox"
+    assert 'secondLook: Annotated[str, Choice(["auto", "always", "off"])] = "auto"' in src
 
 
 def test_ui_root_and_scene_connections():

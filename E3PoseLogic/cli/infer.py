@@ -43,6 +43,13 @@ def add_refine_arguments(p):
                    help="refinement after the E3-CNN (mirror plane + mid-sagittal network): auto = when the model "
                         "has a refinement network (the bundled one has), on = required, off = network pose only. "
                         "The JSON keeps the network-only pose beside the refined one (default: auto)")
+    p.add_argument("--second-look", default="auto", choices=("auto", "always", "off"),
+                   help="a second look at a pose that looks wrong (the frame judge's search over all rotations and "
+                        "the retry on finer U-Net grids; 5-20 s on 2 CPU cores where they run): auto = on "
+                        "navigator-like volumes (voxels of 4 mm or more) only, where it rescues failures; always "
+                        "(on finer volumes of real anatomy it turned more poses wrong than it rescued); off = about "
+                        "1 s per volume, more failures on navigator-like volumes. Doubtful poses are flagged "
+                        "either way (README, 'Second look'; default: auto)")
     p.add_argument("--refiner", metavar="R",
                    help="refinement network weights (native .pt from e3pose train-refiner); default: the bundled "
                         "model's, when the bundled E3-CNN is used")
@@ -121,7 +128,8 @@ def run(args):
                 if mpath is None:
                     raise InputError(path, f"no mask named {name}.nii.gz or {name}.nii in {args.mask_dir}")
                 mask = load_mask(mpath, affine, array.shape)
-            result = pipe.run(array, affine, mask=mask, source=path, refine=args.refine)
+            result = pipe.run(array, affine, mask=mask, source=path, refine=args.refine,
+                              second_look=args.second_look)
             if mask is not None:
                 result.provenance["mask_source"] = str(mpath)
             write_outputs(args.output, name, result, path, args.scanner_space, args.input_to_canonical)

@@ -38,6 +38,7 @@ import numpy as np
 PREFIX = "E3POSE "
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_OOM = 0, 1, 2, 3
 REFINE_CHOICES = ("auto", "on", "off")
+SECOND_LOOK_CHOICES = ("auto", "always", "off")  # pipeline.SECOND_LOOK_CHOICES, without importing the pipeline
 MODULE_ENTRY = ("-m", "E3PoseLogic.mrml.worker")
 # result fields not sent back: the E3-CNN input crop is QC material for the command line, large and unused here
 _NOT_SENT = frozenset({"crop"})
@@ -123,16 +124,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def build_command(python, input_npz, output_npz, *, device="auto", unet=None, e3cnn=None, source=None,
-                  refine="auto", entry: Optional[Sequence[str]] = None) -> List[str]:
+                  refine="auto", second_look="auto", entry: Optional[Sequence[str]] = None) -> List[str]:
     """The worker command line (``python`` = PythonSlicer inside Slicer, ``sys.executable`` elsewhere).
 
     ``source`` names the input in messages (e.g. the volume node name); ``refine`` is the refinement choice
-    (auto | on | off). ``entry`` is what follows ``python``: ``-m E3PoseLogic.mrml.worker`` unless the caller's
+    (auto | on | off), ``second_look`` where doubtful poses get a second look (auto | always | off,
+    ``Pipeline.run``). ``entry`` is what follows ``python``: ``-m E3PoseLogic.mrml.worker`` unless the caller's
     own code passes another script (tests: one that calls :func:`main` with a stand-in pipeline factory)."""
     if refine not in REFINE_CHOICES:
         raise ValueError(f"refine must be one of {', '.join(REFINE_CHOICES)}, not {refine!r}")
     cmd = [str(python), *(MODULE_ENTRY if entry is None else entry), "--input", str(input_npz),
            "--output", str(output_npz), "--device", str(device), "--refine", refine]
+    if second_look not in SECOND_LOOK_CHOICES:
+        raise ValueError(f"second_look must be one of {', '.join(SECOND_LOOK_CHOICES)}, not {second_look!r}")
+    cmd += ["--second-look", second_look]
     if source:
         cmd += ["--source", str(source)]
     if unet:
@@ -341,6 +346,8 @@ def main(argv=None, pipeline_factory: Optional[Callable] = None) -> int:
     p.add_argument("--source", default=None, help="name of the input in messages")
     p.add_argument("--refine", default="auto", choices=REFINE_CHOICES,
                    help="refinement after the network: auto (when the model has one), on, off")
+    p.add_argument("--second-look", default="auto", choices=SECOND_LOOK_CHOICES,
+                   help="where doubtful poses get a second look: auto (navigator-like volumes), always, off")
     args = p.parse_args(argv)
     factory = default_pipeline_factory if pipeline_factory is None else pipeline_factory
     from ..errors import CheckpointError, E3PoseError, InputError
@@ -357,7 +364,7 @@ def main(argv=None, pipeline_factory: Optional[Callable] = None) -> int:
             _emit("PROGRESS", f"{0.05 + 0.9 * float(fraction):.3f}", stage)
 
         result = pipeline.run(arr, aff, mask=mask, source=args.source or args.input, progress=progress,
-                              refine=args.refine)
+                              refine=args.refine, second_look=args.second_look)
         summary = refinement_summary(getattr(result, "confidence", None))
         if summary:
             print(summary, flush=True)

@@ -63,3 +63,38 @@ class ResidualNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
+
+    def for_inference(self) -> "ResidualNet":
+        """An evaluation copy with each batch norm folded into the convolution before it (the same outputs to
+        float32 rounding): the frame judge's search reads 1,024 cubes, and the norms were a seventh of that time
+        (``fold_batchnorm``). The copy cannot be trained; this network is unchanged."""
+        import copy
+
+        net = copy.deepcopy(self).eval()
+        net.features = fold_batchnorm(net.features)
+        return net
+
+
+def fold_batchnorm(seq: nn.Sequential) -> nn.Sequential:
+    """``seq`` (nested Sequentials) with each eval-mode ``BatchNorm3d`` that follows a ``Conv3d`` merged into it:
+    w' = w s, b' = (b - mean) s + beta, s = gamma / sqrt(var + eps)."""
+    import torch
+
+    mods, out, i = list(seq), [], 0
+    while i < len(mods):
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < len(mods) else None
+        if isinstance(m, nn.Conv3d) and isinstance(nxt, nn.BatchNorm3d) and nxt.track_running_stats:
+            with torch.no_grad():
+                s = nxt.weight / torch.sqrt(nxt.running_var + nxt.eps)
+                bias = m.bias if m.bias is not None else torch.zeros_like(nxt.running_mean)
+                conv = Conv3d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                              dilation=m.dilation, groups=m.groups, bias=True)
+                conv.weight.copy_(m.weight * s.reshape(-1, 1, 1, 1, 1))
+                conv.bias.copy_((bias - nxt.running_mean) * s + nxt.bias)
+            out.append(conv.eval())
+            i += 2
+        else:
+            out.append(fold_batchnorm(m) if isinstance(m, nn.Sequential) else m)
+            i += 1
+    return nn.Sequential(*out)

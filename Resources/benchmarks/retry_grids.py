@@ -68,7 +68,9 @@ def run_sets(set_dirs, factors, out_path) -> None:
                 if image is None:
                     raise FileNotFoundError(f"{set_dir / 'images' / fid}.nii[.gz]: no image")
                 array, affine = load_volume(image)
-                rec["attempts"] = attempts_of(pipe.run(array, affine, source=str(image)))
+                # every volume may be retried, whatever its resolution (the pipeline's default looks again only at
+                # navigator-like ones): the study is of the retry itself
+                rec["attempts"] = attempts_of(pipe.run(array, affine, source=str(image), second_look="always"))
             except (E3PoseError, OSError) as e:
                 rec["refused"] = str(e)
             lines.append(json.dumps(rec))

@@ -24,7 +24,8 @@ from E3PoseLogic.result import PoseResult
 
 
 class _Fake:
-    def run(self, array_ijk, ijk_to_ras, mask=None, source=None, progress=None, cancel=None, refine="auto"):
+    def run(self, array_ijk, ijk_to_ras, mask=None, source=None, progress=None, cancel=None, refine="auto",
+            second_look="auto"):
         for i, s in enumerate(("segment", "crop", "pose")):
             progress(s, (i + 1) / 3)
         brain = (array_ijk > 50).astype(np.uint8)
