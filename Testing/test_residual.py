@@ -283,6 +283,11 @@ def test_infer_names_doubtful_poses(tmp_path):
     judged = rec["confidence"]["refinement"]["judge"]
     assert judged["searched"] and not judged["switched"]  # every searched frame is as implausible
     assert rec["confidence"]["refinement"]["second_look"] == {"mode": "always", "allowed": True}
+    assert "not looked at again" not in r.stderr
+    # by default this standard-resolution volume gets no second look, and the CHECK line says how to ask for one
+    r = run_cli("infer", SAMPLE_DIR / "sample_head.nii.gz", "-o", tmp_path / "auto", "--device", "cpu", "-q",
+                "--residual", tmp_path / "doubt.pt", "--judge", tmp_path / "doubt.pt", cwd=tmp_path)
+    assert r.returncode == 0 and "judge logit -10.0; not looked at again: --second-look" in r.stderr, r.stderr
 
 
 def test_doubt_rules():

@@ -137,7 +137,9 @@ def run(args):
             choice = frame_choice(result.confidence.get("refinement"))
             if choice.get("doubtful"):  # residual.mark_doubt (README, "Doubtful results")
                 doubtful.append(name)
-                tqdm.write(f"CHECK {path}: doubtful pose ({doubt_details(choice)})", file=sys.stderr)
+                look = (result.confidence.get("refinement") or {}).get("second_look") or {}
+                note = "; not looked at again: --second-look" if look.get("allowed") is False else ""
+                tqdm.write(f"CHECK {path}: doubtful pose ({doubt_details(choice)}{note})", file=sys.stderr)
         except E3PoseError as exc:
             failures.append((path, str(exc)))
             tqdm.write(f"FAILED {exc}", file=sys.stderr)

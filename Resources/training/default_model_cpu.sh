@@ -263,6 +263,20 @@ cp pred_transfer/*.json pred_tra910/*.json pred_tra1112/*.json pred_pool_tra/
 { cat transfer_poses.csv; tail -n +2 poses_tra910.csv; tail -n +2 poses_tra1112.csv; } > poses_pool_tra.csv
 e3pose evaluate pred_pool_syn poses_pool_syn.csv -o ev_pool_syn --no-plot
 e3pose evaluate pred_pool_tra poses_pool_tra.csv -o ev_pool_tra --no-plot
+# the pooled sets again with the second look on every volume (the default until session 31) and nowhere (session 31:
+# the default, --second-look auto, looks again only at navigator-like volumes; the card keeps all three)
+second_look_pool () {  # second_look_pool MODE
+    local mode=$1 d
+    for d in test raw/s45 raw/s46 raw/s47 raw/s48; do
+        e3pose infer "$d/images" -o pred_syn_$mode $M --second-look $mode -q || true
+    done
+    for d in transfer_std transfer_nav transfer_9 transfer_10 transfer_11 transfer_12; do
+        e3pose infer "$d/images" -o pred_tra_$mode $M --second-look $mode -q || true
+    done
+    e3pose evaluate pred_syn_$mode poses_pool_syn.csv -o ev_pool_syn_$mode --no-plot
+    e3pose evaluate pred_tra_$mode poses_pool_tra.csv -o ev_pool_tra_$mode --no-plot
+}
+second_look_pool always; second_look_pool off
 # the card's numbers from before the refinement stage came from test2122/ (seeds 21 + 22n), without refinement:
 #   e3pose infer test2122/images -o pred2122 --unet runs/unet/best.pt --e3cnn runs/e3cnn/best.pt --refine off -q
 #   e3pose evaluate pred2122 test2122/poses.csv -o ev2122   (and the same with --mask-dir test2122/labels)
@@ -274,7 +288,9 @@ python "$HERE/card_accuracy.py" "${OUT:-default}/model_card.json" --set syntheti
     --set synthetic_true_mask ev_gt --set transfer_full_pipeline ev_transfer --set transfer_true_mask ev_transfer_gt \
     --set synthetic_full_pipeline_pooled ev_pool_syn --set transfer_full_pipeline_pooled ev_pool_tra \
     --set synthetic_full_pipeline_seeds45_46 ev_syn4546 --set synthetic_full_pipeline_seeds47_48 ev_syn4748 \
-    --set transfer_full_pipeline_seeds9_10 ev_tra910 --set transfer_full_pipeline_seeds11_12 ev_tra1112
+    --set transfer_full_pipeline_seeds9_10 ev_tra910 --set transfer_full_pipeline_seeds11_12 ev_tra1112 \
+    --set synthetic_pooled_second_look_always ev_pool_syn_always --set transfer_pooled_second_look_always ev_pool_tra_always \
+    --set synthetic_pooled_second_look_off ev_pool_syn_off --set transfer_pooled_second_look_off ev_pool_tra_off
 # the transfer summaries ship beside the held-out ones (make_model_card.py copies those)
 cp ev_transfer/summary.json "${OUT:-default}/transfer_summary_full_pipeline.json"
 cp ev_transfer_gt/summary.json "${OUT:-default}/transfer_summary_gt_mask.json"
