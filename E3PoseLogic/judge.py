@@ -23,6 +23,34 @@ SEARCH_SEED = 7
 SEARCH_STARTS = 4  # the best-judged rotations (at least ``DISTINCT_DEG`` apart) handed to the residual network
 DISTINCT_DEG = 30.0
 POLISH_STEPS = 4  # readings of the judge's own residual outputs that finish a frame its search switched to
+# where a pose that looks wrong gets a second look: this search, and the pipeline's grid retry of doubtful poses
+SECOND_LOOK_CHOICES = ("auto", "always", "off")
+
+
+def check_second_look(choice) -> str:
+    """The second-look choice, validated ("auto", "always" or "off"; None means "auto")."""
+    choice = "auto" if choice is None else str(choice).lower()
+    if choice not in SECOND_LOOK_CHOICES:
+        raise ValueError(f"second_look must be one of {', '.join(SECOND_LOOK_CHOICES)}, not {choice!r}")
+    return choice
+
+
+def second_look_allowed(choice: str, ijk_to_ras) -> bool:
+    """Whether a pose that looks wrong gets a second look (the judge's search, the grid retry) on this volume.
+
+    "auto": on navigator-like volumes only (``refine.is_coarse``: voxels of 4 mm or more). Why (session 31): the
+    judge learned the head's surroundings from phantoms, and on finer volumes of real anatomy its search turned
+    good poses into half turns more often than it rescued bad ones (transfer sets, 210 finer volumes: above 30 deg
+    6 with the second looks, 3 without), while on phantoms of those resolutions it rescued almost nothing (600
+    held-out: 1 against 2). On navigator-like phantoms it rescues many (9 against 19 above 30 deg of 300). Chosen on
+    tuning sets of plain and varied-contrast phantoms; docs/accuracy_history.md, session 31."""
+    if choice == "always":
+        return True
+    if choice == "off":
+        return False
+    from .refine import is_coarse
+
+    return bool(is_coarse(ijk_to_ras))
 
 
 @lru_cache(maxsize=2)
@@ -63,7 +91,7 @@ def judged_pose(judge, residual, array, ijk_to_ras, centre, rotation, brain_ml, 
     """-> (rotation, centre, info): the refined pose, or a better-judged one found by the search. Each searched
     start is corrected by the residual network (``correct_pose``, ``plane_cfg`` as there). Running the mirror-plane
     refinement from each start first did worse on the tuning sets (14 poses above 30 deg against 10).
-    ``search=False`` (no second look on this volume, ``pipeline.second_look_allowed``): the refined frame's logit
+    ``search=False`` (no second look on this volume, ``second_look_allowed``): the refined frame's logit
     is read, for the doubt flag, and a low one is noted (``search_skipped``) instead of searched.
 
     A frame the search switched to is then finished by ``POLISH_STEPS`` readings of the judge's own residual

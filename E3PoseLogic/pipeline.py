@@ -19,7 +19,7 @@ from .errors import E3PoseError
 from .preprocess import field_of_view, map_unet_mask_to_input, resample_to_grid, unet_input
 from .result import PoseResult
 from .refine import check_refine, refine_pose
-from .judge import judged_pose
+from .judge import check_second_look, judged_pose, second_look_allowed
 from .residual import correct_pose, frame_choice, mark_doubt, needs_retry
 from .rotation import axes_to_rotation, geodesic_deg, voxel_rotation, world_rotation
 from .segmentation import DEFAULT_THRESHOLDS, check_mask, unet_masks
@@ -88,11 +88,11 @@ class Pipeline:
         self.refiner = refiner.eval() if refiner is not None else None
         self.refiner_info = dict(refiner_info or {})
         # the residual network: the refinement's last step (``residual``), CPU too (two 32^3 readings)
-        self.residual = _for_inference(residual)
+        self.residual = residual.for_inference() if residual is not None else None
         self.residual_info = dict(residual_info or {})
         # the frame judge (``judge``): a wide-view pose logit that checks the refined frame and searches when it
         # looks wrong; used only with a residual network
-        self.judge = _for_inference(judge) if residual is not None else None
+        self.judge = judge.for_inference() if judge is not None and residual is not None else None
         self.judge_info = dict(judge_info or {}) if self.judge is not None else {}
         # the grids a doubtful pose is made again on (``_retry_grids``); an argument so that a study of other grids
         # (Resources/benchmarks/retry_grids.py) builds its own pipeline instead of changing the module's default
@@ -350,7 +350,7 @@ class Pipeline:
 
         ``second_look``: where a pose that looks wrong gets a second look (the frame judge's search over all
         rotations and the grid retry of doubtful poses): "auto" (navigator-like volumes only, see
-        ``second_look_allowed``), "always" or "off". Doubtful poses are flagged either way.
+        ``judge.second_look_allowed``), "always" or "off". Doubtful poses are flagged either way.
         """
         refine = self.refine_mode(refine)
         second_look = check_second_look(second_look)
@@ -430,35 +430,6 @@ class Pipeline:
         )
 
 
-SECOND_LOOK_CHOICES = ("auto", "always", "off")
-
-
-def check_second_look(choice: Optional[str]) -> str:
-    """The second-look choice, validated ("auto", "always" or "off"; None means "auto")."""
-    choice = "auto" if choice is None else str(choice).lower()
-    if choice not in SECOND_LOOK_CHOICES:
-        raise ValueError(f"second_look must be one of {', '.join(SECOND_LOOK_CHOICES)}, not {choice!r}")
-    return choice
-
-
-def second_look_allowed(choice: str, ijk_to_ras) -> bool:
-    """Whether a pose that looks wrong gets a second look (the judge's search, the grid retry) on this volume.
-
-    "auto": on navigator-like volumes only (``refine.is_coarse``: voxels of 4 mm or more). Why (session 31): the
-    judge learned the head's surroundings from phantoms, and on finer volumes of real anatomy its search turned
-    good poses into half turns more often than it rescued bad ones (transfer sets, 210 finer volumes: above 30 deg
-    6 with the second looks, 3 without), while on phantoms of those resolutions it rescued almost nothing (600
-    held-out: 1 against 2). On navigator-like phantoms it rescues many (9 against 19 above 30 deg of 300). Chosen on
-    tuning sets of plain and varied-contrast phantoms; docs/accuracy_history.md, session 31."""
-    if choice == "always":
-        return True
-    if choice == "off":
-        return False
-    from .refine import is_coarse
-
-    return bool(is_coarse(ijk_to_ras))
-
-
 def retry_logit(refinement) -> float:
     """What the grid retry ranks attempts by: the residual network's pose logit of its chosen frame (-inf without
     one). Not the frame judge's logit, although the judge's decides the doubt flag (``_retry_grids``)."""
@@ -482,15 +453,6 @@ def attempt_record(unet_spacing, refinement, volume_ml, rotation, rotation_voxel
 def _retry_record(pose) -> dict:
     return attempt_record(pose["unet_spacing"], pose["refinement"], pose["volume_ml"], pose["rotation"],
                           pose["rotation_voxel"], pose["translation"])
-
-
-def _for_inference(net):
-    """The residual network or judge as the pipeline reads it: in evaluation mode, its batch norms folded into its
-    convolutions where it can (``ResidualNet.for_inference``)."""
-    if net is None:
-        return None
-    fold = getattr(net, "for_inference", None)
-    return fold() if fold is not None else net.eval()
 
 
 def _voxel_ml(ijk_to_ras):

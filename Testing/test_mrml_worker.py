@@ -117,10 +117,10 @@ def test_worker_passes_the_refinement_choice_to_the_pipeline(tmp_path, choice):
 
 @pytest.mark.parametrize("choice", ["always", "off"])
 def test_worker_passes_the_second_look_choice_to_the_pipeline(tmp_path, choice):
+    from E3PoseLogic import judge
     from E3PoseLogic.mrml.worker import SECOND_LOOK_CHOICES, build_command, load_result_npz
-    from E3PoseLogic.pipeline import SECOND_LOOK_CHOICES as PIPELINE_CHOICES
 
-    assert SECOND_LOOK_CHOICES == PIPELINE_CHOICES  # the worker's copy, kept light
+    assert SECOND_LOOK_CHOICES is judge.SECOND_LOOK_CHOICES  # one list, the pipeline's (judge.py, a light import)
     cmd = build_command("python", "in.npz", "out.npz", second_look=choice)
     assert cmd[cmd.index("--second-look") + 1] == choice
     with pytest.raises(ValueError, match="second_look"):

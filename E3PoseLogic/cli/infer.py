@@ -43,7 +43,9 @@ def add_refine_arguments(p):
                    help="refinement after the E3-CNN (mirror plane + mid-sagittal network): auto = when the model "
                         "has a refinement network (the bundled one has), on = required, off = network pose only. "
                         "The JSON keeps the network-only pose beside the refined one (default: auto)")
-    p.add_argument("--second-look", default="auto", choices=("auto", "always", "off"),
+    from ..judge import SECOND_LOOK_CHOICES
+
+    p.add_argument("--second-look", default="auto", choices=SECOND_LOOK_CHOICES,
                    help="a second look at a pose that looks wrong (the frame judge's search over all rotations and "
                         "the retry on finer U-Net grids; 5-20 s on 2 CPU cores where they run): auto = on "
                         "navigator-like volumes (voxels of 4 mm or more) only, where it rescues failures; always "

@@ -35,10 +35,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..judge import SECOND_LOOK_CHOICES
+
 PREFIX = "E3POSE "
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_OOM = 0, 1, 2, 3
 REFINE_CHOICES = ("auto", "on", "off")
-SECOND_LOOK_CHOICES = ("auto", "always", "off")  # pipeline.SECOND_LOOK_CHOICES, without importing the pipeline
 MODULE_ENTRY = ("-m", "E3PoseLogic.mrml.worker")
 # result fields not sent back: the E3-CNN input crop is QC material for the command line, large and unused here
 _NOT_SENT = frozenset({"crop"})
