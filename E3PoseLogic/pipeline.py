@@ -99,6 +99,10 @@ class Pipeline:
         self.retry_factors = tuple(float(f) for f in retry_factors)
         # turned copies of a cube crop the E3-CNN reads besides the crop itself (``turned_reading``; 0: none)
         self.turned_readings = int(turned_readings)
+        # why a model without a refinement network has none, for the output and for --refine on's error
+        self.no_refiner_why = ("published checkpoints have none" if
+                               str(self.e3cnn_info.get("format", "")).startswith("published") else
+                               "none was given (--refiner)")
 
     @classmethod
     def from_files(cls, unet_path=None, e3cnn_path=None, device="auto", allow_pickle=False, refiner_path=None,
@@ -114,8 +118,10 @@ class Pipeline:
         from .checkpoints import load_e3cnn, load_judge, load_refiner, load_residual, load_unet
 
         refiner, refiner_info, residual, residual_info, judge, judge_info = None, None, None, None, None, None
+        withheld = False  # the bundled refinement exists but is not paired with the E3-CNN given
         if unet_path is None or e3cnn_path is None:
             default = models.default_model()
+            withheld = e3cnn_path is not None and default.refiner is not None and not default.random_weights
             if default.random_weights:
                 unet, unet_info, e3cnn, e3cnn_info = models.random_networks()
             else:
@@ -145,9 +151,15 @@ class Pipeline:
             residual, residual_info = load_residual(residual_path)
         if judge_path is not None:
             judge, judge_info = load_judge(judge_path)
-        return cls(unet, e3cnn, unet_info, e3cnn_info, device, refiner=refiner, refiner_info=refiner_info,
+        pipe = cls(unet, e3cnn, unet_info, e3cnn_info, device, refiner=refiner, refiner_info=refiner_info,
                    residual=residual, residual_info=residual_info, retry_factors=retry_factors, judge=judge,
                    judge_info=judge_info)
+        if refiner is None and withheld and not pipe.no_refiner_why.startswith("published"):
+            # the bundled refinement learned the bundled model's canonical frame; an E3-CNN trained on other
+            # annotations may define another, so it is not paired with them unasked
+            pipe.no_refiner_why = ("the bundled refinement networks go with the bundled E3-CNN only: to use them with "
+                                   "this one, give --refiner, --residual and --judge")
+        return pipe
 
     @property
     def warnings(self):
@@ -164,7 +176,7 @@ class Pipeline:
         refine = check_refine(refine)
         if refine == "on" and self.refiner is None:
             raise E3PoseError("refinement was asked for (--refine on) but this model has no refinement network "
-                              "(published checkpoints have none; give one with --refiner, or use --refine auto)")
+                              f"({self.no_refiner_why}); give one with --refiner, or use --refine auto")
         return refine
 
     # ------------------------------------------------------------------------------------------------ stages
@@ -294,7 +306,7 @@ class Pipeline:
                 rot_voxel = voxel_rotation(rotation, frames.direction_cosines(affine))
         else:
             refinement = {"applied": False, "reason": "turned off (refine off)" if refine == "off" else
-                          "this model has no refinement network (published checkpoints have none)"}
+                          f"this model has no refinement network ({self.no_refiner_why})"}
         return dict(x_crop=x_crop, box=box, axes=axes, rot_info=rot_info, com_unet=com_unet, rotation=rotation,
                     translation=translation, rotation_voxel=rot_voxel, network=network, refinement=refinement,
                     brain=brain, eyes=eyes, volume_ml=volume_ml, unet_spacing=float(unet_spacing))

@@ -285,6 +285,28 @@ def small_random_model(tmp_path_factory):
     return d
 
 
+
+def test_why_a_model_has_no_refinement_is_said(small_random_model):
+    """A user's own E3-CNN is not paired with the bundled refinement unasked (it learned the bundled model's
+    canonical frame), and the message says so and how to pair them, instead of blaming published checkpoints."""
+    from _support import require_fixtures
+    from E3PoseLogic import models
+    from E3PoseLogic.errors import E3PoseError
+    from E3PoseLogic.pipeline import Pipeline
+
+    own = Pipeline.from_files(e3cnn_path=small_random_model / "e.pt", device="cpu")
+    assert own.refiner is None
+    if models.default_model().refiner is not None:
+        assert "go with the bundled E3-CNN only" in own.no_refiner_why and "--judge" in own.no_refiner_why
+        with pytest.raises(E3PoseError, match="go with the bundled E3-CNN only"):
+            own.refine_mode("on")
+    both = Pipeline.from_files(small_random_model / "u.pt", small_random_model / "e.pt", device="cpu")
+    assert both.no_refiner_why == "none was given (--refiner)"
+    published = Pipeline.from_files(small_random_model / "u.pt", require_fixtures("e3cnn_random.pth") /
+                                    "e3cnn_random.pth", device="cpu")
+    assert published.no_refiner_why == "published checkpoints have none"
+
+
 def _infer(args, cwd):
     return run_cli("infer", *args, cwd=cwd)
 

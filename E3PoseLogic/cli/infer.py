@@ -72,8 +72,8 @@ def load_pipeline(args):
                                residual_path=getattr(args, "residual", None),
                                judge_path=getattr(args, "judge", None))
     if pipe.refine_mode(getattr(args, "refine", "auto")) == "auto" and pipe.refiner is None:  # "on": raises
-        print("note: this model has no refinement network: the poses are the E3-CNN's alone (--refine auto)",
-              file=sys.stderr)
+        print(f"note: this model has no refinement network ({pipe.no_refiner_why}): the poses are the E3-CNN's "
+              "alone (--refine auto)", file=sys.stderr)
     for warning in pipe.warnings:
         banner = "!" * 100
         print(f"{banner}\n!!! MODEL WARNING: {warning}\n{banner}", file=sys.stderr)
