@@ -99,10 +99,8 @@ class Pipeline:
         self.retry_factors = tuple(float(f) for f in retry_factors)
         # turned copies of a cube crop the E3-CNN reads besides the crop itself (``turned_reading``; 0: none)
         self.turned_readings = int(turned_readings)
-        # why a model without a refinement network has none, for the output and for --refine on's error
-        self.no_refiner_why = ("published checkpoints have none" if
-                               str(self.e3cnn_info.get("format", "")).startswith("published") else
-                               "none was given (--refiner)")
+        # the bundled refinement exists but was not paired with the E3-CNN given (``from_files``)
+        self.refinement_withheld = False
 
     @classmethod
     def from_files(cls, unet_path=None, e3cnn_path=None, device="auto", allow_pickle=False, refiner_path=None,
@@ -154,12 +152,20 @@ class Pipeline:
         pipe = cls(unet, e3cnn, unet_info, e3cnn_info, device, refiner=refiner, refiner_info=refiner_info,
                    residual=residual, residual_info=residual_info, retry_factors=retry_factors, judge=judge,
                    judge_info=judge_info)
-        if refiner is None and withheld and not pipe.no_refiner_why.startswith("published"):
+        pipe.refinement_withheld = withheld
+        return pipe
+
+    @property
+    def no_refiner_why(self) -> str:
+        """Why this model has no refinement network, for the output and for --refine on's error."""
+        if str(self.e3cnn_info.get("format", "")).startswith("published"):
+            return "published checkpoints have none"
+        if self.refinement_withheld:
             # the bundled refinement learned the bundled model's canonical frame; an E3-CNN trained on other
             # annotations may define another, so it is not paired with them unasked
-            pipe.no_refiner_why = ("the bundled refinement networks go with the bundled E3-CNN only: to use them with "
-                                   "this one, give --refiner, --residual and --judge")
-        return pipe
+            return ("the bundled refinement networks go with the bundled E3-CNN only: to use them with this one, "
+                    "give --refiner, --residual and --judge")
+        return "none was given (--refiner)"
 
     @property
     def warnings(self):

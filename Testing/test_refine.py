@@ -285,7 +285,6 @@ def small_random_model(tmp_path_factory):
     return d
 
 
-
 def test_why_a_model_has_no_refinement_is_said(small_random_model):
     """A user's own E3-CNN is not paired with the bundled refinement unasked (it learned the bundled model's
     canonical frame), and the message says so and how to pair them, instead of blaming published checkpoints."""
