@@ -260,8 +260,24 @@ def render_qc(array_ijk, ijk_to_ras, result, png_path, *, title: Optional[str] =
     return Path(png_path)
 
 
-def contact_sheet(pngs: List[Path], out_png, out_html=None, columns: int = 2, titles=None):
-    """One PNG with all QC pictures (scaled down) and an HTML page linking the full-size ones."""
+def doubt_of(conf) -> Optional[str]:
+    """Why a result's pose is flagged doubtful (``residual.mark_doubt``), or None when it is not (or has no flag:
+    an unrefined pose). For the contact sheet, which puts these first: a batch's doubtful poses are the ones a
+    person must open, and a sheet in name order hid them among the rest."""
+    from .residual import doubt_details, frame_choice
+
+    ref = conf.get("refinement") if isinstance(conf, dict) else None
+    choice = frame_choice(ref) if isinstance(ref, dict) and ref.get("applied") else {}
+    if not choice.get("doubtful"):
+        return None
+    return doubt_details(choice) or "flagged"
+
+
+def contact_sheet(pngs: List[Path], out_png, out_html=None, columns: int = 2, titles=None, doubts=None):
+    """One PNG with all QC pictures (scaled down) and an HTML page linking the full-size ones.
+
+    ``doubts``: per picture, why its pose is doubtful (``doubt_of``) or None. Doubtful pictures come first, their
+    titles marked CHECK in red, and the page opens with their list."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -271,15 +287,21 @@ def contact_sheet(pngs: List[Path], out_png, out_html=None, columns: int = 2, ti
     from .atomic import atomic_path
 
     pngs = [Path(p) for p in pngs]
-    titles = titles or [p.stem for p in pngs]
+    titles = list(titles or [p.stem for p in pngs])
+    doubts = list(doubts) if doubts is not None else [None] * len(pngs)
+    order = sorted(range(len(pngs)), key=lambda i: doubts[i] is None)  # stable: doubtful first, else as given
+    pngs, titles, doubts = [pngs[i] for i in order], [titles[i] for i in order], [doubts[i] for i in order]
     columns = max(1, min(columns, len(pngs)))
     rows = max(1, int(np.ceil(len(pngs) / columns)))
     fig, axs = plt.subplots(rows, columns, figsize=(7 * columns, 2.0 * rows), dpi=110, squeeze=False)
     for ax in axs.ravel():
         ax.axis("off")
-    for ax, p, t in zip(axs.ravel(), pngs, titles):
+    for ax, p, t, d in zip(axs.ravel(), pngs, titles, doubts):
         ax.imshow(mpimg.imread(str(p)))
-        ax.set_title(t, fontsize=8)
+        if d is None:
+            ax.set_title(t, fontsize=8)
+        else:
+            ax.set_title(f"CHECK  {t}", fontsize=8, color="red", fontweight="bold")
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
@@ -287,14 +309,24 @@ def contact_sheet(pngs: List[Path], out_png, out_html=None, columns: int = 2, ti
     if out_html is not None:
         import html
 
+        def caption(t, d):
+            if d is None:
+                return html.escape(t)
+            return f'<b class="check">CHECK {html.escape(t)}</b>: doubtful pose ({html.escape(d)})'
+
         rows_html = "\n".join(
-            f'<figure><a href="{html.escape(p.name)}"><img src="{html.escape(p.name)}" width="100%"></a>'
-            f"<figcaption>{html.escape(t)}</figcaption></figure>" for p, t in zip(pngs, titles))
+            f'<figure id="{html.escape(p.stem)}"><a href="{html.escape(p.name)}"><img src="{html.escape(p.name)}" '
+            f'width="100%"></a><figcaption>{caption(t, d)}</figcaption></figure>'
+            for p, t, d in zip(pngs, titles, doubts))
+        flagged = [(p, t) for p, t, d in zip(pngs, titles, doubts) if d is not None]
+        summary = (f"<p class='check'>{len(flagged)} of {len(pngs)} poses doubtful, shown first (check these): "
+                   + ", ".join(f'<a href="#{html.escape(p.stem)}">{html.escape(t)}</a>' for p, t in flagged)
+                   + "</p>") if flagged else f"<p>{len(pngs)} poses, none flagged doubtful.</p>"
         text = ("<!doctype html><html><head><meta charset='utf-8'><title>E3Pose QC</title>"
-                "<style>body{font-family:sans-serif} figure{margin:0 0 1.5em 0}</style></head><body>"
-                "<h1>E3Pose QC</h1><p>Axes: x red (left-right), y green (posterior to anterior), z blue "
-                "(superior to inferior), from the brain centre. Brain mask orange, eyes cyan.</p>"
-                f"{rows_html}</body></html>\n")
+                "<style>body{font-family:sans-serif} figure{margin:0 0 1.5em 0} .check{color:#c00000}</style>"
+                "</head><body><h1>E3Pose QC</h1><p>Axes: x red (left-right), y green (posterior to anterior), "
+                "z blue (superior to inferior), from the brain centre. Brain mask orange, eyes cyan.</p>"
+                f"{summary}{rows_html}</body></html>\n")
         with atomic_path(out_html) as tmp:
             Path(tmp).write_text(text)
     return Path(out_png)

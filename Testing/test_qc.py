@@ -208,3 +208,36 @@ def test_pose_note_says_which_axes_are_drawn():
     note = pose_note(refined)
     assert note.startswith("; refined axes (moved 12 deg from the E3-CNN, network plane)")
     assert "DOUBTFUL, check (pose logit 1.0)" in note and "turned" not in note
+
+
+def test_contact_sheet_puts_doubtful_poses_first(tmp_path):
+    """A batch's doubtful poses are the ones to open: the sheet and its page list them first, marked CHECK with
+    the reason, and a pose that is not flagged (or not refined, so never flagged) keeps its place."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image as mpimg
+
+    from E3PoseLogic.qc import contact_sheet, doubt_of
+
+    flagged = {"refinement": {"applied": True, "residual": {"frame_choice": {
+        "pose_logit": 6.0, "judge_logit": 3.7, "doubtful": True, "doubt_reasons": ["judge_logit"]}}}}
+    settled = {"refinement": {"applied": True, "residual": {"frame_choice": {
+        "pose_logit": 9.0, "judge_logit": 8.1, "doubtful": False, "doubt_reasons": []}}}}
+    unrefined = {"refinement": {"applied": False, "reason": "turned off (refine off)"}}
+    assert doubt_of(flagged) == "judge logit 3.7"
+    assert doubt_of(settled) is None and doubt_of(unrefined) is None and doubt_of({}) is None
+
+    pngs = []
+    for i, name in enumerate(["a", "b", "c"]):
+        png = tmp_path / f"{name}_qc.png"
+        mpimg.imsave(str(png), np.full((20, 40, 3), 0.2 * (i + 1)))
+        pngs.append(png)
+    out_png, out_html = tmp_path / "sheet.png", tmp_path / "index.html"
+    contact_sheet(pngs, out_png, out_html, titles=["a", "b", "c"],
+                  doubts=[doubt_of(settled), doubt_of(unrefined), doubt_of(flagged)])
+    page = out_html.read_text()
+    assert page.index('id="c_qc"') < page.index('id="a_qc"') < page.index('id="b_qc"')
+    assert "1 of 3 poses doubtful" in page and "CHECK c</b>: doubtful pose (judge logit 3.7)" in page
+    assert "CHECK a" not in page and "CHECK b" not in page
+    assert mpimg.imread(str(out_png)).shape[0] > 0
+    contact_sheet(pngs[:2], out_png, out_html, doubts=[None, None])
+    assert "2 poses, none flagged doubtful" in out_html.read_text()

@@ -83,7 +83,7 @@ def run(args) -> int:
         print(f"e3pose qc: {exc}", file=sys.stderr)
         return 2
     from ..errors import E3PoseError
-    from ..qc import contact_sheet, render_qc
+    from ..qc import contact_sheet, doubt_of, render_qc
 
     results = Path(args.results)
     jsons = sorted(p for p in results.glob("*.json") if not p.name.startswith("."))
@@ -92,13 +92,16 @@ def run(args) -> int:
         return 2
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    pngs, failed = [], 0
+    pngs, names, doubts, failed = [], [], [], 0
     for j in jsons:
         try:
             arr, aff, result, src = load_result(j, args.inputs)
             png = render_qc(arr, aff, result, out / f"{j.stem}_qc.png", title=j.stem, size=args.size)
             pngs.append(png)
-            print(f"{j.stem}: {png}", flush=True)
+            names.append(j.stem)
+            doubts.append(doubt_of(result.confidence))
+            print(f"{j.stem}: {png}" + ("" if doubts[-1] is None else f"  (CHECK: doubtful pose, {doubts[-1]})"),
+                  flush=True)
         except (E3PoseError, OSError, KeyError, ValueError) as exc:
             failed += 1
             print(f"{j.stem}: FAILED: {exc}", file=sys.stderr, flush=True)
@@ -106,6 +109,8 @@ def run(args) -> int:
             failed += 1
             print(f"{j.stem}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     if pngs:
-        sheet = contact_sheet(pngs, out / "contact_sheet.png", out / "index.html")
-        print(f"contact sheet: {sheet} and {out / 'index.html'}")
+        sheet = contact_sheet(pngs, out / "contact_sheet.png", out / "index.html", titles=names, doubts=doubts)
+        n_doubt = sum(d is not None for d in doubts)
+        print(f"contact sheet: {sheet} and {out / 'index.html'}"
+              + (f" ({n_doubt} doubtful, shown first)" if n_doubt else ""))
     return 1 if failed else 0
