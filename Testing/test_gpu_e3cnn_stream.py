@@ -86,3 +86,11 @@ def test_refuses_a_box_crop_network(script, bundled, tmp_path):
     with pytest.raises(SystemExit, match="box.pt.*crop shape 'box'"):
         script.main(["--init", str(path), "--unet", str(bundled.unet), "--out", str(tmp_path / "o"),
                      "--device", "cpu", "--workers", "1", "--max-steps", "1"])
+
+
+def test_refuses_a_network_of_another_kind(script, bundled, tmp_path):
+    """A residual network given as --init is refused with a message naming the file (the worker pool hung on the
+    checkpoint's error before)."""
+    with pytest.raises(SystemExit, match="residual.pt"):
+        script.main(["--init", str(bundled.residual), "--unet", str(bundled.unet), "--out", str(tmp_path / "o"),
+                     "--device", "cpu", "--workers", "1", "--max-steps", "1"])

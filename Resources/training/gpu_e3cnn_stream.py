@@ -75,9 +75,14 @@ def e3cnn_case(job):
 
 
 def _config_of(path):
+    """-> (the E3-CNN's configuration, None) or (None, the problem): the checkpoint's error (it names the file) goes
+    back as text, since the pool cannot carry every exception back (it hung on one)."""
     from E3PoseLogic.checkpoints import load_e3cnn
 
-    return dict(load_e3cnn(path)[1].get("config") or {})
+    try:
+        return dict(load_e3cnn(path)[1].get("config") or {}), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def training_jobs(unet_path, crop, scipy_resample):
@@ -200,7 +205,10 @@ def train(a):
 
     ctx = mp.get_context("fork")  # forked before this process imports torch
     pool = ctx.Pool(a.workers)
-    cfg = pool.apply(_config_of, (a.init,))
+    cfg, problem = pool.apply(_config_of, (a.init,))
+    if problem:
+        pool.terminate()
+        raise SystemExit(f"error: {problem}")
     if cfg.get("crop_shape") != "cube":
         pool.terminate()
         raise SystemExit(f"error: {a.init}: this script trains cube-crop E3-CNNs, not crop shape "
