@@ -22,7 +22,6 @@ def prepare_cubes(images, labels, truth, cfg, rng, centre_sd_mm=3.0, progress=No
     The cube is centred ``centre error`` (canonical mm, drawn with ``centre_sd_mm``, like the U-Net's) away from the
     true brain centre of mass, which the network learns to point at.
     """
-    from ..rotation import world_rotation
     from ..volume_io import load_volume, volume_name
 
     out = []
@@ -33,19 +32,28 @@ def prepare_cubes(images, labels, truth, cfg, rng, centre_sd_mm=3.0, progress=No
         arr, aff = load_volume(img_path)
         lab, laff = load_volume(labels[fid])
         brain = np.asarray(lab) == 1
-        voxel_ml = float(np.prod(frames.voxel_sizes(laff))) / 1000.0
-        brain_ml = float(brain.sum()) * voxel_ml
-        if brain_ml <= 0:
+        if not brain.any():
             continue
-        com = frames.apply(laff, np.array(np.nonzero(brain)).mean(1))
-        rot = world_rotation(truth[fid]["rotation_voxel"], frames.direction_cosines(aff))
-        radius = equivalent_radius(brain_ml)
         err = rng.normal(0.0, centre_sd_mm, 3)
-        cube, sp = local_cube(arr, aff, com + rot @ err, rot, radius, cfg)
+        cube, sp, radius = canonical_cube(arr, aff, brain, laff, truth[fid]["rotation_voxel"], cfg, err)
         out.append((cube, sp, radius, err))
         if progress:
             progress()
     return out
+
+
+def canonical_cube(array, ijk_to_ras, brain, brain_ijk_to_ras, rotation_voxel, cfg, err):
+    """(cube, spacing, radius) of one annotated volume: ``refine.local_cube`` in its canonical frame about the brain
+    centre of mass moved by ``err`` (canonical mm). Also what the GPU trainer makes of a phantom in memory
+    (``Resources/training/gpu_residual_stream.py``), so both train on the same cubes."""
+    from ..rotation import world_rotation
+
+    brain_ml = float(np.count_nonzero(brain)) * float(np.prod(frames.voxel_sizes(brain_ijk_to_ras))) / 1000.0
+    com = frames.apply(brain_ijk_to_ras, np.array(np.nonzero(brain)).mean(1))
+    rot = world_rotation(rotation_voxel, frames.direction_cosines(ijk_to_ras))
+    radius = equivalent_radius(brain_ml)
+    cube, sp = local_cube(array, ijk_to_ras, com + rot @ np.asarray(err, np.float64), rot, radius, cfg)
+    return cube, sp, radius
 
 
 def _rot_about(axis, angle):

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gpu_unet_stream as unet_stream  # noqa: E402  (synth_config and the stream buffer)
+import gpu_unet_stream as unet_stream  # noqa: E402  (synth_config, recipe_draws and the stream buffer)
 
 SEED_BASE = int(os.environ.get("E3POSE_SEED_BASE", "7500"))
 _VARIED = dict(deform=5.0, anatomy=True)
@@ -53,21 +53,16 @@ CENTRE_SD_MM = 2.0  # the cube's centre error, as ``residual_trainer.prepare``
 # ------------------------------------------------------------------------------------------------ cases
 def phantom_cube(case, cfg, err):
     """(cube, spacing, radius, err) of one ``synth.make_case`` phantom: what ``residual_trainer.prepare`` makes of
-    the same phantom read from its files, with the same centre error ``err`` (canonical mm)."""
-    from E3PoseLogic import frames
-    from E3PoseLogic.refine import equivalent_radius, local_cube
-    from E3PoseLogic.rotation import world_rotation
+    the same phantom read from its files, with the same centre error ``err`` (canonical mm); None without a brain."""
+    from E3PoseLogic.training.refiner_trainer import canonical_cube
     from E3PoseLogic.training.residual_trainer import train_cube
 
     brain = np.rint(case.label) == 1
     if brain.sum() < 8:
         return None
     aff = np.asarray(case.affine, np.float64)
-    brain_ml = float(brain.sum()) * float(np.prod(frames.voxel_sizes(aff))) / 1000.0
-    com = frames.apply(aff, np.array(np.nonzero(brain)).mean(1))
-    rot = world_rotation(case.rotation_voxel, frames.direction_cosines(aff))
-    radius = equivalent_radius(brain_ml)
-    cube, sp = local_cube(np.asarray(case.image, np.float32), aff, com + rot @ err, rot, radius, train_cube(cfg))
+    cube, sp, radius = canonical_cube(np.asarray(case.image, np.float32), aff, brain, aff, case.rotation_voxel,
+                                      train_cube(cfg), err)
     return cube, sp, radius, np.asarray(err, np.float64)
 
 
@@ -96,17 +91,6 @@ def residual_case(job):
     right_x, right_y = draws(n_right, False)
     wrong_x, _ = draws(n_wrong, True) if n_wrong else (np.zeros((0,) + right_x.shape[1:], np.float16), None)
     return right_x, right_y, wrong_x, f"{seed}_{index}"
-
-
-def recipe_draws(seed_base):
-    """An endless stream of (seed, index, options) in ``RECIPES``' proportions (one seed per recipe)."""
-    shares = np.cumsum([s for s, _ in RECIPES])
-    rng = np.random.default_rng(seed_base)
-    counters = [0] * len(RECIPES)
-    while True:
-        k = int(np.searchsorted(shares, rng.random() * shares[-1]))
-        yield seed_base + k, counters[k], RECIPES[k][1]
-        counters[k] += 1
 
 
 def _config_of(path):
@@ -213,7 +197,7 @@ def train(a):
                 for s, n, o in VAL_SETS for i in range(min(n, a.val_per_set) if a.val_per_set else n)]
     val_res = pool.map_async(residual_case, val_jobs, chunksize=2)
     jobs = ((s, i, o, cfg, a.draws, a.wrong_draws if cfg.get("pose_logit") else 0)
-            for s, i, o in recipe_draws(SEED_BASE))
+            for s, i, o in unet_stream.recipe_draws(SEED_BASE, RECIPES))
     stream = pool.imap_unordered(residual_case, jobs, chunksize=1)
 
     import torch

@@ -114,15 +114,15 @@ def phantom_on_grid(seed, index, opts):
     return c, x, y.astype(np.uint8)
 
 
-def recipe_draws(seed_base):
-    """An endless stream of (seed, index, SynthConfig options) in the recipe's proportions (one seed per recipe from
-    ``seed_base``, indices counting up)."""
-    shares = np.cumsum([s for s, _ in RECIPES])
+def recipe_draws(seed_base, recipes=RECIPES):
+    """An endless stream of (seed, index, SynthConfig options) in the proportions of ``recipes`` ((share, options)
+    pairs; one seed per recipe from ``seed_base``, indices counting up)."""
+    shares = np.cumsum([s for s, _ in recipes])
     rng = np.random.default_rng(seed_base)
-    counters = [0] * len(RECIPES)
+    counters = [0] * len(recipes)
     while True:
         k = int(np.searchsorted(shares, rng.random() * shares[-1]))
-        yield seed_base + k, counters[k], RECIPES[k][1]
+        yield seed_base + k, counters[k], recipes[k][1]
         counters[k] += 1
 
 
