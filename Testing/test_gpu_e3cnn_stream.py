@@ -89,8 +89,8 @@ def test_refuses_a_box_crop_network(script, bundled, tmp_path):
 
 
 def test_refuses_a_network_of_another_kind(script, bundled, tmp_path):
-    """A residual network given as --init is refused with a message naming the file (the worker pool hung on the
-    checkpoint's error before)."""
+    """A residual network given as --init is refused with a message naming the file (the checkpoint's error, raised
+    in a worker, cannot be unpickled: the pool would wait for ever)."""
     with pytest.raises(SystemExit, match="residual.pt"):
         script.main(["--init", str(bundled.residual), "--unet", str(bundled.unet), "--out", str(tmp_path / "o"),
                      "--device", "cpu", "--workers", "1", "--max-steps", "1"])

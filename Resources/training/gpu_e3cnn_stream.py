@@ -76,7 +76,7 @@ def e3cnn_case(job):
 
 def _config_of(path):
     """-> (the E3-CNN's configuration, None) or (None, the problem): the checkpoint's error (it names the file) goes
-    back as text, since the pool cannot carry every exception back (it hung on one)."""
+    back as text: an exception that cannot be unpickled leaves the pool waiting for ever."""
     from E3PoseLogic.checkpoints import load_e3cnn
 
     try:
