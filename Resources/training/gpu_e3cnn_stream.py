@@ -75,14 +75,9 @@ def e3cnn_case(job):
 
 
 def _config_of(path):
-    """-> (the E3-CNN's configuration, None) or (None, the problem): the checkpoint's error (it names the file) goes
-    back as text: an exception that cannot be unpickled leaves the pool waiting for ever."""
     from E3PoseLogic.checkpoints import load_e3cnn
 
-    try:
-        return dict(load_e3cnn(path)[1].get("config") or {}), None
-    except Exception as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+    return dict(load_e3cnn(path)[1].get("config") or {})
 
 
 def training_jobs(unet_path, crop, scipy_resample):
@@ -201,14 +196,7 @@ def provenance_of(a, info, seen, steps, device, start_val):
 
 
 def train(a):
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork")  # forked before this process imports torch
-    pool = ctx.Pool(a.workers)
-    cfg, problem = pool.apply(_config_of, (a.init,))
-    if problem:
-        pool.terminate()
-        raise SystemExit(f"error: {problem}")
+    pool, cfg = unet_stream.pool_reading(a.workers, _config_of, a.init)
     if cfg.get("crop_shape") != "cube":
         pool.terminate()
         raise SystemExit(f"error: {a.init}: this script trains cube-crop E3-CNNs, not crop shape "

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import gpu_unet_stream as unet_stream  # noqa: E402  (synth_config, recipe_draws and the stream buffer)
+import gpu_unet_stream as unet_stream  # noqa: E402  (synth_config, recipe_draws, the pool and its buffer)
 
 SEED_BASE = int(os.environ.get("E3POSE_SEED_BASE", "7500"))
 _VARIED = dict(deform=5.0, anatomy=True)
@@ -94,16 +94,11 @@ def residual_case(job):
 
 
 def _config_of(path):
-    """-> (the network's configuration, None) or (None, the problem): the checkpoint's error (it names the file)
-    goes back as text, since the pool cannot carry every exception back."""
     from dataclasses import asdict
 
     from E3PoseLogic.checkpoints import load_residual
 
-    try:
-        return asdict(load_residual(path)[0].config), None
-    except Exception as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+    return asdict(load_residual(path)[0].config)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -185,19 +180,12 @@ def provenance_of(a, info, seen, steps, device, start_val, best_val):
 
 
 def train(a):
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork")  # forked before this process imports torch
-    pool = ctx.Pool(a.workers)
-    cfg, problem = pool.apply(_config_of, (a.init,))
-    if problem:
-        pool.terminate()
-        raise SystemExit(f"error: {problem}")
-    val_jobs = [(s, i, o, cfg, a.draws, a.wrong_draws if cfg.get("pose_logit") else 0)
+    pool, cfg = unet_stream.pool_reading(a.workers, _config_of, a.init)
+    draws = (cfg, a.draws, a.wrong_draws if cfg.get("pose_logit") else 0)  # far-off frames train the pose logit
+    val_jobs = [(s, i, o) + draws
                 for s, n, o in VAL_SETS for i in range(min(n, a.val_per_set) if a.val_per_set else n)]
     val_res = pool.map_async(residual_case, val_jobs, chunksize=2)
-    jobs = ((s, i, o, cfg, a.draws, a.wrong_draws if cfg.get("pose_logit") else 0)
-            for s, i, o in unet_stream.recipe_draws(SEED_BASE, RECIPES))
+    jobs = ((s, i, o) + draws for s, i, o in unet_stream.recipe_draws(SEED_BASE, RECIPES))
     stream = pool.imap_unordered(residual_case, jobs, chunksize=1)
 
     import torch

@@ -130,6 +130,28 @@ def training_jobs(scipy_resample):
     return ((seed, index, opts, scipy_resample) for seed, index, opts in recipe_draws(SEED_BASE))
 
 
+def _as_text_on_error(fn, arg):
+    try:
+        return fn(arg), None
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def pool_reading(workers, config_of, path):
+    """(a fork pool, ``config_of(path)`` read in it) for the streamers that start from a checkpoint; one the reader
+    refuses stops the run with the reader's message (it names the file). The pool is forked before this process
+    imports torch; the error comes back as text because an exception that cannot be unpickled (a checkpoint
+    error) leaves the pool waiting for ever."""
+    import multiprocessing as mp
+
+    pool = mp.get_context("fork").Pool(workers)
+    cfg, problem = pool.apply(_as_text_on_error, (config_of, path))
+    if problem:
+        pool.terminate()
+        raise SystemExit(f"error: {problem}")
+    return pool, cfg
+
+
 class StreamBuffer:
     """The newest ``size`` cases of a worker pool's ``imap_unordered`` stream, which the GPU samples from while the
     workers make more; a None from the stream (a phantom without a usable case) is skipped."""
