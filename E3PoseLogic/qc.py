@@ -184,15 +184,14 @@ def pose_note(conf) -> str:
         extra += f"; refined axes (moved {ref.get('angle_moved_deg', float('nan')):.0f} deg from the E3-CNN, " \
                  f"{ref.get('hypothesis', '?')} plane)"
         from .judge import search_note
-        from .residual import doubt_details, frame_choice
 
         note = search_note(ref)
         if note:  # the axes may be a searched frame far from the refined one: say so
             extra += f"; {note}"
-        choice = frame_choice(ref)
         # residual.mark_doubt: low judge logit, re-read E3-CNN disagrees, switched frame, residual still moving
-        if choice.get("doubtful"):
-            extra += f"; DOUBTFUL, check ({doubt_details(choice)})"
+        doubt = doubt_of(conf)
+        if doubt is not None:
+            extra += f"; DOUBTFUL, check ({doubt})"
     elif ref:
         from .turned_reading import pooled_counts
 
