@@ -96,16 +96,34 @@ def blob_phantom(shape=(40, 40, 40), seed=0):
     return (x / x.max()).astype(np.float32)
 
 
-def load_script(name, folder="benchmarks"):
+def load_script(name, folder="benchmarks", importable=False):
     """A script of ``Resources/<folder>`` (not a package module) loaded as a module, e.g. ``load_script(
-    "make_transfer_set")`` or ``load_script("card_accuracy", "training")``."""
+    "make_transfer_set")`` or ``load_script("card_accuracy", "training")``. ``importable``: also registered in
+    ``sys.modules``, for a script whose worker pool pickles its functions by module name."""
     import importlib.util
+    import sys
 
     path = Path(__file__).resolve().parents[1] / "Resources" / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if importable:
+        sys.modules[name] = module
     return module
+
+
+def trained_default_model(*parts):
+    """The bundled model, or a skip when it has random weights (a checkout without the trained files) or lacks one
+    of ``parts`` (e.g. "residual", "judge")."""
+    from E3PoseLogic.models import default_model
+
+    model = default_model()
+    if model.random_weights:
+        pytest.skip("no trained model is bundled")
+    missing = [p for p in parts if getattr(model, p) is None]
+    if missing:
+        pytest.skip(f"the bundled model has no {', '.join(missing)}")
+    return model
 
 
 def run_cli(*args, cwd):

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _support import trained_default_model
+
 pytest.importorskip("torch")
 pytest.importorskip("e3nn")
 
@@ -24,15 +26,12 @@ MEDIAN_TRANSLATION_BOUND_MM = 1.5  # refined centre: held-out median 0.60 mm
 
 @pytest.fixture(scope="module")
 def errors():
-    from E3PoseLogic.models import default_model
     from E3PoseLogic.pipeline import Pipeline
     from E3PoseLogic.rotation import geodesic_deg
     from E3PoseLogic.synth import AcquisitionConfig, SynthConfig
     from E3PoseLogic.synth.dataset import make_case
 
-    model = default_model()
-    if model.random_weights:
-        pytest.skip("no trained model is bundled")
+    model = trained_default_model()
     pipe = Pipeline.from_files(model.unet, model.e3cnn, device="cpu", refiner_path=model.refiner,
                                residual_path=model.residual, judge_path=model.judge)
     rot, trans, net, choices = [], [], [], []
@@ -93,16 +92,13 @@ def _refused_on_the_model_grid_then_found(seed, navigator, refusal, unet=None):
     ``refusal`` (the premise is checked): it must come from a finer retry grid, at the brain. ``unet``: another
     U-Net file than the bundled one (with the bundled E3-CNN and refinement)."""
     from E3PoseLogic import frames
-    from E3PoseLogic.models import default_model
     from E3PoseLogic.pipeline import Pipeline
     from E3PoseLogic.preprocess import field_of_view, unet_input
     from E3PoseLogic.segmentation import check_mask
     from E3PoseLogic.synth import AcquisitionConfig, SynthConfig
     from E3PoseLogic.synth.dataset import make_case
 
-    model = default_model()
-    if model.random_weights:
-        pytest.skip("no trained model is bundled")
+    model = trained_default_model()
     pipe = Pipeline.from_files(unet or model.unet, model.e3cnn, device="cpu", refiner_path=model.refiner,
                                residual_path=model.residual, judge_path=model.judge)
     case = make_case(seed, 2, SynthConfig(acquisition=AcquisitionConfig(navigator=navigator)), ga_weeks=20.0)

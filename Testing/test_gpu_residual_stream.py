@@ -7,26 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from _support import load_script
+from _support import load_script, trained_default_model
 
 
 @pytest.fixture(scope="module")
 def script():
-    import sys
-
-    module = load_script("gpu_residual_stream", "training")
-    sys.modules[module.__name__] = module  # its worker pool pickles its functions by module name
-    return module
+    return load_script("gpu_residual_stream", "training", importable=True)
 
 
 @pytest.fixture(scope="module")
 def bundled():
-    from E3PoseLogic.models import default_model
-
-    model = default_model()
-    if model.random_weights or model.residual is None or model.judge is None:
-        pytest.skip("no trained residual network and judge are bundled")
-    return model
+    return trained_default_model("residual", "judge")
 
 
 def test_streamed_cube_equals_the_files_path(script, tmp_path):

@@ -2,9 +2,7 @@
 import json
 from pathlib import Path
 
-import pytest
-
-from _support import load_script
+from _support import load_script, trained_default_model
 
 NOTES = Path(__file__).resolve().parents[1] / "Resources" / "training" / "default_model_notes.json"
 
@@ -19,11 +17,7 @@ def summary(median, standard, navigator, fail60, trans=0.6):
 
 
 def test_bundled_warning_is_the_one_its_numbers_give():
-    from E3PoseLogic.models import default_model
-
-    model = default_model()
-    if model.random_weights:
-        pytest.skip("no trained model is bundled")
+    model = trained_default_model()
     card = model.card
     ca = load_script("card_accuracy", "training")
     assert card["warning"] == ca.warning_from(card), "run card_accuracy.py again: the warning and the numbers differ"
